@@ -1,0 +1,126 @@
+"""
+Throughput benchmarks of every model, printed as tables. Machines are shared and noisy, so every comparison is
+run interleaved in one process (round-robin over the variants) and reported as medians and ratios.
+
+    python bench.py slm                 # matmul peak, training ms/iter + MFU per variant, KV-cache sampling
+    python bench.py slm --rounds=10     # more rounds for a quieter median
+"""
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import model as model_lib
+from common import configure, matmul_peak_flops, pick_device
+from model import CharTransformer, TransformerConfig, lm_loss
+
+rounds = 5  # round-robin rounds over the variants; each variant's figure is the median over all rounds
+steps_per_round = 3  # timed training steps per variant per round
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'mps'
+sections = [a for a in sys.argv[1:] if not a.startswith('--')] or ['slm']
+config = configure(globals(), [a for a in sys.argv[1:] if a.startswith('--')])
+device = pick_device(device)
+torch.manual_seed(0)
+
+
+def sync():
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def interleaved(variants, steps, warmup=2):
+    """variants: {name: step function}. Run them round-robin; return {name: median seconds per step}."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            for _ in range(steps):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# slm: the P1 config (train_slm.py's defaults), fp32
+# -----------------------------------------------------------------------------
+
+def slm_train_step(cfg, batch_size=16):
+    """One train_slm.py step: forward, loss, backward, clip, AdamW with its parameter groups."""
+    m = CharTransformer(cfg).to(device)
+    params = list(m.parameters())
+    opt = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': 0.1},
+                             {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), fused=device.startswith('cuda'))
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    y = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+
+    def step():
+        lm_loss(m(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return m, step
+
+
+def with_torch_dropout(step):
+    """Run a step with torch's F.dropout in place of model.dropout (the bernoulli_ mask)."""
+    def run():
+        fast, model_lib.dropout = model_lib.dropout, lambda x, p, training: F.dropout(x, p, training)
+        try:
+            step()
+        finally:
+            model_lib.dropout = fast
+    return run
+
+
+def bench_slm():
+    cfg = TransformerConfig()
+    batch_size = 16
+    peak_before = matmul_peak_flops(device, batch_size * cfg.block_size, cfg.n_embd, cfg.d_ff)
+    m, ours = slm_train_step(cfg)
+    _, attn_drop = slm_train_step(TransformerConfig(attn_dropout=0.1))
+    _, no_drop = slm_train_step(TransformerConfig(dropout=0.0))
+    variants = {'nanoGPT placement (attn dropout, torch dropout)': with_torch_dropout(attn_drop),
+                'no attn-prob dropout, torch dropout': with_torch_dropout(ours),
+                'ours: no attn-prob dropout, 15-bit masks': ours,
+                'no dropout at all (upper bound)': no_drop}
+    times = interleaved(variants, steps_per_round)
+    peak_after = matmul_peak_flops(device, batch_size * cfg.block_size, cfg.n_embd, cfg.d_ff)
+    flops = m.flops_per_token() * batch_size * cfg.block_size
+    peak = statistics.median([peak_before, peak_after]) if peak_before else None
+    print(f"\n## slm: P1 config, fp32, batch {batch_size} x {cfg.block_size}, {flops / 1e9:.1f} GFLOP/iter, "
+          f"device {device}, {torch.get_num_threads()} threads")
+    if peak:
+        print(f"matmul peak ({batch_size * cfg.block_size}x{cfg.n_embd} @ {cfg.n_embd}x{cfg.d_ff}): "
+              f"{peak_before / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after, median {peak / 1e9:.1f}")
+    print(f"| variant | ms/iter | tokens/s | MFU | vs nanoGPT placement |\n|---|---|---|---|---|")
+    base = times['nanoGPT placement (attn dropout, torch dropout)']
+    for name, dt in times.items():
+        mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a"
+        print(f"| {name} | {1000 * dt:.0f} | {batch_size * cfg.block_size / dt:,.0f} | {mfu} | {base / dt:.2f}x |")
+
+    # sampling: 500 new tokens after a 4-token prompt, block 256, with the KV cache vs recomputing the window
+    m.eval()
+    prompt = torch.zeros(1, 4, dtype=torch.long, device=device)
+    tokens = {}
+
+    def sample(use_cache):
+        def run():
+            g = torch.Generator(device=device).manual_seed(0)
+            tokens[use_cache] = m.generate(prompt, 500, generator=g, use_cache=use_cache)
+        return run
+    times = interleaved({'kv': sample(True), 'recompute': sample(False)}, steps=1, warmup=1)
+    print(f"\nsampling 500 tokens (block {cfg.block_size}, batch 1): KV cache {500 / times['kv']:,.0f} tok/s, "
+          f"full recompute {500 / times['recompute']:,.0f} tok/s, speedup {times['recompute'] / times['kv']:.1f}x, "
+          f"same tokens: {torch.equal(tokens[True], tokens[False])}")
+
+
+for section in sections:
+    {'slm': bench_slm}[section]()

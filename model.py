@@ -1,0 +1,174 @@
+"""
+Every model of the project and the loss it trains with, one banner per family.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# char transformer (train_slm.py): decoder-only, learned absolute positions, causal SDPA, KV-cache sampling
+# -----------------------------------------------------------------------------
+
+
+def dropout(x, p, training):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    On CPU the keep-mask comes from 15 random bits per element (four elements per int64 draw) instead of torch's
+    float bernoulli_ per element: the mask is ~4x cheaper and dropout fwd+bwd ~2x faster (bench.py slm). p is
+    rounded to a multiple of 1/32768 (0.1 -> 0.100006) and the scale uses that same p, so E[out] = x exactly."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != 'cpu' or p >= 1.0:
+        return F.dropout(x, p, True)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+    threshold = round(p * 32768)
+    keep = (bits & 0x7FFF) >= threshold  # the low 15 bits are uniform on [0, 32768): P(drop) = threshold / 32768
+    return x * keep * (32768 / (32768 - threshold))
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 99
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    d_ff: int = 1024
+    dropout: float = 0.1  # on the embeddings and on each residual branch
+    attn_dropout: float = 0.0  # on attention probabilities; > 0 takes SDPA off its fused kernel (slow on CPU)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, preallocated to block_size."""
+
+    def __init__(self, config, batch_size, device, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k, self.v = torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nh, t, hs) at the next positions; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end], self.v[layer, :, :, self.length:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.n_embd, self.layer = config.n_head, config.n_embd, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.attn_dropout = config.attn_dropout
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # a prefill (empty cache) is causal; one new token may see every cached position, so needs no mask
+        causal = cache is None or cache.length == 0
+        if cache is not None:
+            assert causal or T == 1, "the KV cache takes a prefill or one token at a time"
+            k, v = cache.append(self.layer, k, v)  # (B, nh, length + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)), dropout on each branch."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp_fc = nn.Linear(config.n_embd, config.d_ff, bias=False)
+        self.mlp_proj = nn.Linear(config.d_ff, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cache=None):
+        x = x + dropout(self.attn(self.ln_1(x), cache), self.dropout, self.training)
+        x = x + dropout(self.mlp_proj(F.gelu(self.mlp_fc(self.ln_2(x)))), self.dropout, self.training)
+        return x
+
+
+class CharTransformer(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned absolute positions
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        # the output layer shares the token embedding matrix (weight tying)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith('c_proj.weight') or name.endswith('mlp_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding drops the position table (the token table counts: it is the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self):
+        """Training FLOPs per token by nanoGPT's estimate (PaLM appendix B): 6N + 12 * L * H * hs * T."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). With a cache, positions continue after the cached ones."""
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size"
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = dropout(self.wte(idx) + self.wpe(pos), self.config.dropout, self.training)
+        for block in self.blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Sample max_new_tokens after idx (B, T). The model sees at most block_size tokens: when the window is
+        full it keeps its newest half and starts over from them (with learned absolute positions, cached keys
+        cannot slide). use_cache=False recomputes the same window from scratch at every token: the reference."""
+        block_size, keep = self.config.block_size, self.config.block_size // 2
+        start = max(0, idx.size(1) - block_size)  # tokens before `start` are outside the window
+        cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype) if use_cache else None
+        logits = self(idx[:, start:], cache)
+        for step in range(max_new_tokens):
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits[logits < kth] = -float('inf')
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if idx.size(1) - start > block_size:  # window full: keep its newest half, re-read it
+                start = idx.size(1) - keep
+                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype) if use_cache else None
+                logits = self(idx[:, start:], cache)
+            else:
+                logits = self(next_id, cache) if use_cache else self(idx[:, start:])
+        return idx
+
+
+def lm_loss(logits, targets, ignore_index=0):
+    """Next-token cross-entropy over all positions, mean over non-PAD targets:
+    L = -1/N * sum_{b,t: y != PAD} log softmax(logits[b, t])[y[b, t]]."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)

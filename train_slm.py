@@ -1,0 +1,255 @@
+"""
+Train a character-level decoder-only transformer (seed 003, Phase 1): ASCII tokens, learned absolute positions,
+AdamW at a constant learning rate. Reads any UTF-8 text file (default: the running Python's standard-library
+sources); writes the run directory out_dir/ (config.json, log.txt, events.jsonl, scalars.csv, samples.txt,
+model.txt, last.pt, best.pt).
+
+    python train_slm.py config/slm_p1.py                                     # the P1 run
+    python train_slm.py config/slm_p1.py --batch_size=8 --dataset=any.txt    # your own text
+    python train_slm.py --max_iters=20 --eval_interval=10 --n_layer=1 --block_size=64 --out_dir=out/tiny
+    torchrun --standalone --nproc_per_node=2 train_slm.py config/slm_p1.py   # DDP (gloo on CPU, nccl on CUDA)
+    sbatch --requeue --gres=gpu:1 --wrap "python train_slm.py config/slm_p1.py --init_from=auto"
+"""
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hooks as hooklib
+from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, init_distributed,
+                    load_checkpoint, matmul_peak_flops, resolve_init, rng_states_all_ranks, save_checkpoint,
+                    seed_everything, set_rng_state)
+from data import CharTokenizer, WindowSampler, get_batch, prepare_text, window_starts
+from model import CharTransformer, TransformerConfig, lm_loss
+
+# -----------------------------------------------------------------------------
+# default config: every knob, one per line (config files and --key=value override these)
+# -----------------------------------------------------------------------------
+out_dir = 'out/slm'  # run directory; fixed, so a requeued job finds its own checkpoint
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt) | 'auto' (resume if last.pt exists, else scratch)
+overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+# data
+dataset = ''  # path to a UTF-8 text file; '' = the running Python's standard-library .py sources (~8 MB)
+cache_dir = 'cache'  # tokenized data is cached here, keyed by the source's sha256
+block_size = 256  # context length in characters
+stride = 256  # distance between training window starts; < block_size gives overlapping windows
+batch_size = 16  # windows per micro-batch per process
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (tokens/step = this * batch * block * ranks)
+# model
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 256  # residual stream width
+d_ff = 1024  # MLP hidden width (its own key, not forced to 4 * n_embd)
+dropout = 0.1  # on the embeddings and on each residual branch
+attn_dropout = 0.0  # on attention probabilities (nanoGPT: = dropout); > 0 costs ~20% speed on CPU
+# optimizer: AdamW, constant learning rate after an optional linear warmup
+learning_rate = 3e-4  # peak learning rate
+weight_decay = 0.1  # decoupled weight decay, on weight matrices and embeddings only
+beta1 = 0.9  # Adam first-moment decay
+beta2 = 0.95  # Adam second-moment decay
+warmup_iters = 0  # linear warmup from 0 over this many iterations; 0 = constant from the start
+grad_clip = 1.0  # clip the global gradient norm to this; 0.0 = off
+max_iters = 2000  # optimizer steps in total
+# evaluation, logging, sampling
+eval_interval = 200  # evaluate, sample and checkpoint every this many iterations (and at the last one)
+eval_iters = 50  # batches of the fixed, evenly spaced validation windows scored at each eval
+log_interval = 10  # print a training line every this many iterations
+sample_prompt = 'def '  # the fixed prompt sampled at each eval
+sample_tokens = 200  # characters sampled at each eval (temperature 1.0, no top-k, fixed seed)
+hooks = []  # learning-dynamics hooks, e.g. ['act_stats', 'attn_entropy', 'grad_noise:std=0.01'] (see hooks.py)
+# system
+seed = 1337  # seeds init, dropout and batch order; rank r of a DDP run uses seed + r for dropout
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+compile = False  # torch.compile the model (falls back to eager where compilation fails)
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# setup: processes, device, seeds, what to start from
+ddp, rank, world_size, device = init_distributed(device)
+master = rank == 0
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+dtype, autocast = autocast_context(device, dtype)
+config['hooks'] = hooks = hooklib.resolve(hooks)  # the resolved list enters config.json and config_hash
+hookset = hooklib.Hooks(hooks)
+resume_path = resolve_init(init_from, out_dir, overwrite)
+ckpt = load_checkpoint(resume_path) if resume_path else None
+seed_everything(seed + rank)
+
+# data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
+tokenizer = CharTokenizer()
+data_dir, meta = prepare_text(dataset, cache_dir)
+train_bin, val_bin = os.path.join(data_dir, 'train.bin'), os.path.join(data_dir, 'val.bin')
+train_starts = window_starts(meta['train_tokens'], block_size, stride)
+val_starts = window_starts(meta['val_tokens'], block_size, block_size)
+if len(val_starts) == 0:
+    raise UserError(f"dataset {dataset or 'stdlib'}: its 5% validation split has {meta['val_tokens']} characters, "
+                    f"fewer than one window of block_size+1 = {block_size + 1}; use a longer text or smaller block_size")
+sampler = WindowSampler(len(train_starts), batch_size, seed, rank, world_size)
+# every eval scores the same validation windows, evenly spaced over the split: curves are comparable
+eval_windows = val_starts[np.unique(np.linspace(0, len(val_starts) - 1, eval_iters * batch_size).astype(int))]
+
+# model (+ resume): on resume the architecture comes from the checkpoint; a conflicting override is an error
+model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                  n_embd=n_embd, d_ff=d_ff, dropout=dropout, attn_dropout=attn_dropout)
+if ckpt:
+    conflicts = [f"{k}={model_args[k]} (checkpoint: {v})" for k, v in ckpt['model_args'].items()
+                 if k not in ('dropout', 'attn_dropout') and model_args[k] != v]
+    if conflicts:
+        raise UserError(f"{resume_path}: resuming takes the architecture from the checkpoint, but the config sets "
+                        f"{', '.join(conflicts)}; drop those overrides or start from scratch")
+    if ckpt['tokenizer'] != tokenizer.to_dict():
+        raise UserError(f"{resume_path}: its tokenizer differs from this script's CharTokenizer")
+model = CharTransformer(TransformerConfig(**model_args)).to(device)
+if ckpt:
+    model.load_state_dict(ckpt['model_state_dict'])
+
+# optimizer: AdamW, weight decay on matrices and embeddings (dim >= 2), none on LayerNorm gains
+params = [p for p in model.parameters() if p.requires_grad]
+groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+          {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
+iter_num, best_val_loss = 0, float('inf')
+if ckpt:
+    optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+    sampler.load_state_dict(ckpt['sampler'])
+    hookset.load_state_dict(ckpt['hooks_state'])
+    states = ckpt['rng_state']
+    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_metric']
+start_iter = iter_num
+raw_model = model  # the un-compiled, un-wrapped module: evaluated, sampled and saved
+if compile:
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True  # a failed compilation runs eager instead of crashing the run
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+
+# run directory: rank 0 writes the facts
+run = RunDir(out_dir, config, resume=ckpt is not None, master=master, hooks=hooks, device=device, dtype=dtype,
+             world_size=world_size, data={k: meta[k] for k in ('source', 'sha256', 'chars', 'unk_count')})
+run.write_text('model.txt', f"{raw_model}\nparameters: {raw_model.num_params(False):,} "
+                            f"({raw_model.num_params():,} without position embeddings)\n")
+run.event('start', iter=iter_num, resumed_from=resume_path, config_hash=run.config_hash)
+run.print(f"data: {meta['source']} | {meta['chars']:,} chars | {meta['unk_count']:,} mapped to <UNK> | "
+          f"{len(train_starts):,} train windows | sha256 {meta['sha256'][:12]}")
+run.print(f"model: {raw_model.num_params():,} parameters | device {device} | dtype {dtype} | world {world_size}"
+          + (f" | resumed at iter {iter_num} from {resume_path}" if ckpt else ""))
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # per device
+peak_flops = matmul_peak_flops(device, batch_size * block_size, n_embd, d_ff) if master else None
+
+
+def get_lr(it):
+    """Linear warmup over warmup_iters, then constant (seed 003: no decay schedule in Phase 1)."""
+    return learning_rate * min(1.0, (it + 1) / warmup_iters) if warmup_iters > 0 else learning_rate
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean val loss over the fixed eval windows, the forward hooks' statistics, and one fixed-seed sample."""
+    raw_model.eval()
+    total, count, stats = 0.0, 0, {}
+    for i in range(0, len(eval_windows), batch_size):
+        x, y = (t.to(device) for t in get_batch(val_bin, eval_windows[i:i + batch_size], block_size))
+        with autocast:
+            logits, batch_stats = hookset.record(raw_model, lambda: raw_model(x)) if i == 0 else (raw_model(x), {})
+            total += lm_loss(logits, y).item() * len(x)
+        count, stats = count + len(x), stats or batch_stats
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = torch.tensor([tokenizer.encode(sample_prompt)], device=device)
+    text = tokenizer.decode(raw_model.generate(prompt, sample_tokens, generator=generator)[0].tolist())
+    raw_model.train()
+    return total / count, stats, text
+
+
+def checkpoint(names, metrics):
+    """Save the whole state (every rank's RNG included, so this is a collective under DDP) to out_dir/<name>."""
+    rng = rng_states_all_ranks(ddp)
+    if master:
+        for name in names:
+            save_checkpoint(os.path.join(out_dir, name), iter_num=iter_num, epoch=sampler.epoch,
+                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                            args=config, model_args=model_args, tokenizer=tokenizer.to_dict(),
+                            sampler=sampler.state_dict(), hooks_state=hookset.state_dict(), rng_state=rng,
+                            metrics=metrics, best_metric=best_val_loss, config_hash=run.config_hash,
+                            data_sha256=meta['sha256'])
+
+
+# -----------------------------------------------------------------------------
+# training loop
+# -----------------------------------------------------------------------------
+stop = StopSignal()
+train_losses, step_times = [], []  # since the last eval / the last log line
+metrics = ckpt['metrics'] if ckpt else {}
+t_start = time.time()
+while True:
+
+    # once in a while (and always at the end): evaluate, sample, checkpoint; not again on the iteration resumed at
+    at_end = iter_num >= max_iters
+    if (iter_num % eval_interval == 0 or at_end) and (iter_num > start_iter or not ckpt):
+        val_loss, stats, sample = evaluate() if master else (0.0, {}, '')
+        if not math.isfinite(val_loss):
+            run.event('error', iter=iter_num, message=f"val loss is {val_loss}")
+            raise SystemExit(f"error: val loss is {val_loss} at iter {iter_num}; stopped, last.pt kept as it was")
+        metrics = {'train/loss': float(np.mean(train_losses)) if train_losses else None, 'val/loss': val_loss}
+        run.scalars({'iter': iter_num, 'time_s': round(time.time() - t_start, 2), 'lr': get_lr(iter_num), **metrics})
+        run.event('eval', iter=iter_num, **metrics, hooks=stats)
+        run.event('sample', iter=iter_num, prompt=sample_prompt, text=sample)
+        run.write_text('samples.txt', f"--- iter {iter_num} | val loss {val_loss:.4f} ---\n{sample}\n\n", mode='a')
+        run.print(f"eval {iter_num} | train loss {metrics['train/loss'] or float('nan'):.4f} | val loss {val_loss:.4f}"
+                  f"\n{sample}\n---")
+        best = val_loss < best_val_loss
+        best_val_loss = min(val_loss, best_val_loss)
+        checkpoint(['last.pt', 'best.pt'] if best else ['last.pt'], metrics)
+        train_losses = []
+    if at_end:
+        break
+    if all_ranks_any(stop.requested, ddp, device):  # pre-emption: save where we are, exit 0, resume with 'auto'
+        checkpoint(['last.pt'], {})
+        run.event('end', iter=iter_num, reason='signal', best_val_loss=best_val_loss)
+        run.print(f"signal received: saved {out_dir}/last.pt at iter {iter_num}; continue with --init_from=auto")
+        break
+
+    # one optimizer step over gradient_accumulation_steps micro-batches
+    t0 = time.time()
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    step_loss = 0.0
+    for micro_step in range(gradient_accumulation_steps):
+        x, y = (t.to(device, non_blocking=True) for t in get_batch(train_bin, train_starts[sampler.next()], block_size))
+        last_micro = micro_step == gradient_accumulation_steps - 1
+        with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()), autocast:
+            loss = lm_loss(model(x), y) / gradient_accumulation_steps  # the mean over all micro-batches
+        loss.backward()
+        step_loss += loss.item()
+    if not math.isfinite(step_loss):  # stop before a bad step reaches the weights or a checkpoint
+        run.event('error', iter=iter_num, message=f"training loss is {step_loss}")
+        raise SystemExit(f"error: training loss is {step_loss} at iter {iter_num}; stopped, last.pt kept as it was")
+    hookset.apply_update(params, iter_num)  # the update-hook slot: gradient transforms for experiments
+    if grad_clip > 0.0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    # logging: the mean step time since the last line, and MFU against this machine's measured matmul peak
+    train_losses.append(step_loss)
+    step_times.append(time.time() - t0)
+    if iter_num % log_interval == 0 and master:
+        dt = float(np.mean(step_times))
+        mfu = f"{100 * flops_per_iter / dt / peak_flops:.1f}%" if peak_flops else "n/a"
+        run.print(f"iter {iter_num} | loss {step_loss:.4f} | lr {lr:.1e} | {1000 * dt:.0f}ms | mfu {mfu}")
+        step_times = []
+
+if at_end:
+    run.event('end', iter=iter_num, reason='done', best_val_loss=best_val_loss, **metrics,
+              wall_time_s=round(time.time() - t_start, 1))
+if ddp:
+    torch.distributed.destroy_process_group()
