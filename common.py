@@ -12,8 +12,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -83,7 +85,8 @@ def configure(g, argv=None):
         for k, v in defaults.items():
             print(f"  --{k}={v!r}".ljust(40) + f" # {comments.get(k, '')}")
         sys.exit(0)
-    for arg in argv:
+    # config files first, then --key=value, each in the order given: the command line always has the last word
+    for arg in sorted(argv, key=lambda a: a.startswith('--')):
         if not arg.startswith('--'):  # a config file: plain Python run in the script's globals
             if not os.path.isfile(arg):
                 raise UserError(f"config file not found: {arg} (expected a path to a .py file of key = value lines)")
@@ -132,7 +135,10 @@ def pick_device(device):
             return 'mps'
         return 'cpu'
     if device.startswith('cuda'):
-        index = int(device.split(':')[1]) if ':' in device else 0
+        match = re.fullmatch(r'cuda(?::(\d+))?', device)
+        if not match:
+            raise UserError(f"device={device!r}: expected 'cuda' or 'cuda:N'")
+        index = int(match.group(1) or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             raise UserError(f"device={device!r} requested but {torch.cuda.device_count()} CUDA device(s) are visible")
         return device
@@ -209,7 +215,8 @@ def matmul_peak_flops(device, m=4096, k=256, n=1024):
         return None
     if device != 'cpu':
         return None
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     t_end = time.perf_counter() + 0.5
     while time.perf_counter() < t_end:  # CPUs reach full speed only after ~0.1-0.3 s of work (clocks, thread pool)
         a @ b
@@ -305,9 +312,16 @@ class RunDir:
 
 def write_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the old file's place
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def rng_state():
@@ -352,7 +366,10 @@ def load_checkpoint(path, required=('model_state_dict', 'model_args', 'args')):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code in it, random bytes: all the same to a user
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never for a file you got
+        raise UserError(f"{path} is not a readable checkpoint of this project: not a torch.save file of tensors and "
+                        f"plain types (other Python objects are refused: loading them could run code)") from None
+    except Exception as e:  # truncated zip, random bytes: all the same to a user
         reason = str(e).strip().splitlines()[0][:200]
         raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {reason})") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
@@ -364,13 +381,13 @@ def load_checkpoint(path, required=('model_state_dict', 'model_args', 'args')):
 def resolve_init(init_from, out_dir, overwrite):
     """'scratch' | 'resume' | 'auto' -> None (start fresh) or the checkpoint path to resume from."""
     last = os.path.join(out_dir, 'last.pt')
-    if init_from == 'auto':
-        return last if os.path.exists(last) else None
+    if init_from == 'auto' and os.path.exists(last):
+        return last
     if init_from == 'resume':
         if not os.path.exists(last):
             raise UserError(f"init_from='resume' but {last} does not exist (use init_from='scratch' or 'auto')")
         return last
-    if init_from == 'scratch':
+    if init_from in ('scratch', 'auto'):
         held = [f for f in ('last.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
         if held and not overwrite:
             raise UserError(f"out_dir {out_dir} already holds {', '.join(held)}: refusing to start from scratch over "

@@ -35,7 +35,7 @@ class CharTokenizer:
             self._table[ord(ch)] = i
 
     def encode_array(self, text):
-        codes = np.frombuffer(text.encode('utf-32-le'), dtype=np.uint32)
+        codes = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)  # lone surrogates -> UNK
         return np.where(codes < 128, self._table[np.minimum(codes, 127)], UNK).astype(np.uint8)
 
     def encode(self, text):
@@ -107,7 +107,7 @@ def prepare_text(dataset, cache_dir, val_fraction=0.05):
         sizes_ok = all(os.path.exists(os.path.join(folder, f'{s}.bin')) and
                        os.path.getsize(os.path.join(folder, f'{s}.bin')) == meta[f'{s}_tokens'] for s in ('train', 'val'))
         if sizes_ok:
-            return folder, meta
+            return folder, dict(meta, **provenance)  # the same text may come from another path this time
     ids = tokenizer.encode_array(text)
     n_train = int(len(ids) * (1 - val_fraction))  # contiguous split: no leakage between neighbouring windows
     os.makedirs(folder, exist_ok=True)
@@ -147,7 +147,8 @@ class WindowSampler:
 
     def _epoch_order(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # same permutation on every rank
-        return torch.randperm(self.n, generator=g).numpy()[self.rank::self.world_size]
+        per_rank = self.n // self.world_size  # equal shards, so every rank starts each epoch at the same step
+        return torch.randperm(self.n, generator=g).numpy()[:per_rank * self.world_size][self.rank::self.world_size]
 
     def next(self):
         if self._order is None:

@@ -122,7 +122,14 @@ def resolve(specs):
             key, _, value = item.partition('=')
             if key not in defaults:
                 raise UserError(f"hook '{name}' has no parameter '{key}'; it takes: {', '.join(defaults) or 'none'}")
-            params[key] = type(defaults[key])(ast.literal_eval(value))
+            kind = type(defaults[key])
+            try:
+                parsed = ast.literal_eval(value)
+                if isinstance(parsed, (bool, str)) or kind(parsed) != parsed:  # std=1 is fine, seed=1.5 is not
+                    raise ValueError
+            except (ValueError, TypeError, SyntaxError):
+                raise UserError(f"hook '{name}': parameter '{key}' takes a {kind.__name__}, got '{value}'") from None
+            params[key] = kind(parsed)
         resolved.append(name + (':' + ','.join(f'{k}={v!r}' for k, v in params.items()) if params else ''))
     return resolved
 

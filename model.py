@@ -20,11 +20,11 @@ def dropout(x, p, training):
     rounded to a multiple of 1/32768 (0.1 -> 0.100006) and the scale uses that same p, so E[out] = x exactly."""
     if not training or p == 0.0:
         return x
-    if x.device.type != 'cpu' or p >= 1.0:
+    threshold = round(p * 32768)
+    if x.device.type != 'cpu' or threshold >= 32768:  # CUDA's fused dropout is already fast; p ~ 1 drops all
         return F.dropout(x, p, True)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
-    threshold = round(p * 32768)
     keep = (bits & 0x7FFF) >= threshold  # the low 15 bits are uniform on [0, 32768): P(drop) = threshold / 32768
     return x * keep * (32768 / (32768 - threshold))
 

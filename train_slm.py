@@ -81,6 +81,8 @@ ckpt = load_checkpoint(resume_path) if resume_path else None
 seed_everything(seed + rank)
 
 # data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
+if stride < 1 or block_size < 1:
+    raise UserError(f"stride={stride}, block_size={block_size}: both must be positive")
 tokenizer = CharTokenizer()
 data_dir, meta = prepare_text(dataset, cache_dir)
 train_bin, val_bin = os.path.join(data_dir, 'train.bin'), os.path.join(data_dir, 'val.bin')

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny data in the real formats, written into tmp dirs, and a runner for the scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# a model small enough that a subprocess run takes a few seconds on 2 CPU cores
+TINY_SLM = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--d_ff=64', '--block_size=32', '--batch_size=4',
+            '--eval_iters=2', '--sample_tokens=16', '--log_interval=1', '--device=cpu']
+
+
+def run_script(script, *args, cwd, check=True, timeout=240):
+    """Run a project script as a user would (python script.py args) from `cwd`; return the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def python_like_text(n_lines):
+    """Deterministic Python-looking text (ASCII plus one non-ASCII character to exercise the UNK path)."""
+    lines = []
+    for i in range(n_lines):
+        lines.append(f"def function_{i}(x, y={i % 7}):\n    return x * {i % 5} + y  # note {i % 3}\n\n")
+    lines.append("# caf\u00e9\n")
+    return ''.join(lines)
+
+
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp('corpus') / 'corpus.txt'
+    path.write_text(python_like_text(600))
+    return path

@@ -1,0 +1,643 @@
+"""Unit tests for common.py: configurator, config hash, device/precision, checkpoints, init resolution, run dir."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import UserError
+
+# -----------------------------------------------------------------------------
+# configure
+# -----------------------------------------------------------------------------
+
+SCRIPT = """\
+import os
+batch_size = 12  # sequences per optimizer step
+learning_rate = 3e-4  # peak learning rate (AdamW)
+compile = False  # torch.compile the model
+device = 'auto'  # 'auto' | 'cpu' | 'cuda'
+name = 'run'  # a free-form run name
+extra = None  # anything goes here
+betas = [0.9, 0.95]  # AdamW betas
+_private = 5
+"""
+DEFAULTS = dict(batch_size=12, learning_rate=3e-4, compile=False, device='auto', name='run', extra=None,
+                betas=[0.9, 0.95])
+COMMENTS = dict(batch_size='sequences per optimizer step', learning_rate='peak learning rate (AdamW)',
+                compile='torch.compile the model', device="'auto' | 'cpu' | 'cuda'", name='a free-form run name',
+                extra='anything goes here', betas='AdamW betas')
+
+
+@pytest.fixture
+def g(tmp_path, monkeypatch):
+    """The globals of a small script, as configure(globals()) would see them at its call site."""
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # configure() installs its own hook: restore it
+    script = tmp_path / 'script.py'
+    script.write_text(SCRIPT)
+    glob = {'__name__': '__main__', '__file__': str(script)}
+    exec(compile(SCRIPT, str(script), 'exec'), glob)
+    return glob
+
+
+def write_cfg(tmp_path, text, name='cfg.py'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_configure_defaults_unchanged(g):
+    config = common.configure(g, [])
+    assert config == DEFAULTS
+    assert [type(v) for v in config.values()] == [type(v) for v in DEFAULTS.values()]
+    assert sys.excepthook is common._excepthook
+
+
+def test_configure_file_then_cli_precedence(g, tmp_path):
+    cfg = write_cfg(tmp_path, "batch_size = 32\nlearning_rate = 1e-3\nname = 'from_file'\n")
+    config = common.configure(g, [cfg, '--batch_size=64'])
+    assert config == dict(DEFAULTS, batch_size=64, learning_rate=1e-3, name='from_file')
+    assert g['batch_size'] == 64 and g['learning_rate'] == 1e-3  # the script's globals are updated too
+
+
+def test_configure_two_config_files_apply_in_order(g, tmp_path):
+    a = write_cfg(tmp_path, "batch_size = 32\nname = 'a'\n", 'a.py')
+    b = write_cfg(tmp_path, "batch_size = 48\n", 'b.py')
+    config = common.configure(g, [a, b])
+    assert config['batch_size'] == 48 and config['name'] == 'a'
+
+
+def test_configure_cli_beats_file_regardless_of_argv_order(g, tmp_path):
+    cfg = write_cfg(tmp_path, "batch_size = 32\n")
+    assert common.configure(g, ['--batch_size=64', cfg])['batch_size'] == 64
+
+
+def test_configure_int_for_float_default_becomes_float(g, tmp_path):
+    config = common.configure(g, ['--learning_rate=1'])
+    assert config['learning_rate'] == 1.0 and type(config['learning_rate']) is float
+    cfg = write_cfg(tmp_path, "learning_rate = 2\n")
+    config = common.configure(g, [cfg])
+    assert config['learning_rate'] == 2.0 and type(config['learning_rate']) is float
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('3', 3), ("'x'", 'x'), ('[1, 2]', [1, 2]), ('hello', 'hello'), ('1.5', 1.5), ('None', None)])
+def test_configure_none_default_accepts_any_literal(g, text, expected):
+    value = common.configure(g, [f'--extra={text}'])['extra']
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize('arg, key, expected', [
+    ('--name=a=b', 'name', 'a=b'),        # everything after the first '='
+    ('--name=123', 'name', '123'),        # a str key takes the text as typed
+    ('--name=[1]', 'name', '[1]'),
+    ("--name='quoted'", 'name', 'quoted'),  # a str literal is still parsed
+    ('--device=cpu', 'device', 'cpu'),    # not a Python literal: a plain string
+    ('--extra=cuda:0', 'extra', 'cuda:0'),
+    ('--compile=True', 'compile', True),
+    ('--betas=[0.8, 0.99]', 'betas', [0.8, 0.99]),
+])
+def test_configure_cli_values(g, arg, key, expected):
+    value = common.configure(g, [arg])[key]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize('arg, key, value, expected_type', [
+    ('--batch_size=1.5', 'batch_size', '1.5', 'int'),
+    ('--compile=1', 'compile', '1', 'bool'),
+    ('--batch_size=[1, 2]', 'batch_size', '[1, 2]', 'int'),
+    ('--learning_rate=True', 'learning_rate', 'True', 'float'),  # a bool is not an int for a float default
+    ('--batch_size=big', 'batch_size', "'big'", 'int'),
+    ('--betas=(0.9, 0.95)', 'betas', '(0.9, 0.95)', 'list'),
+])
+def test_configure_wrong_type_cli(g, arg, key, value, expected_type):
+    with pytest.raises(UserError) as e:
+        common.configure(g, [arg])
+    msg = str(e.value)
+    assert f"{key}={value}" in msg and f"expected {expected_type}" in msg
+    assert 'command line' in msg
+
+
+def test_configure_wrong_type_in_config_file(g, tmp_path):
+    cfg = write_cfg(tmp_path, "batch_size = 'big'\n")
+    with pytest.raises(UserError) as e:
+        common.configure(g, [cfg])
+    msg = str(e.value)
+    assert cfg in msg and "batch_size='big'" in msg and 'expected int' in msg
+
+
+def test_configure_unknown_cli_key_suggests_closest(g):
+    with pytest.raises(UserError) as e:
+        common.configure(g, ['--batch_sise=3'])
+    msg = str(e.value)
+    assert "'batch_sise'" in msg and "did you mean 'batch_size'" in msg
+
+
+def test_configure_unknown_key_in_config_file_suggests_closest(g, tmp_path):
+    cfg = write_cfg(tmp_path, "batch_sise = 3\n")
+    with pytest.raises(UserError) as e:
+        common.configure(g, [cfg])
+    msg = str(e.value)
+    assert cfg in msg and "'batch_sise'" in msg and "did you mean 'batch_size'" in msg
+
+
+def test_configure_unknown_key_without_close_match_has_no_hint(g):
+    with pytest.raises(UserError) as e:
+        common.configure(g, ['--zzzzzzzz=1'])
+    assert "'zzzzzzzz'" in str(e.value) and 'did you mean' not in str(e.value)
+
+
+def test_configure_missing_config_file(g, tmp_path):
+    missing = str(tmp_path / 'nope.py')
+    with pytest.raises(UserError) as e:
+        common.configure(g, [missing])
+    assert missing in str(e.value)
+
+
+@pytest.mark.parametrize('arg', ['--batch_size', '--name'])
+def test_configure_arg_without_equals(g, arg):
+    with pytest.raises(UserError) as e:
+        common.configure(g, [arg])
+    assert arg in str(e.value)
+    assert g['batch_size'] == 12 and g['name'] == 'run'
+
+
+def test_configure_config_file_may_import_modules(g, tmp_path):
+    cfg = write_cfg(tmp_path, "import math\nlearning_rate = math.sqrt(4) * 1e-4\n")
+    config = common.configure(g, [cfg])
+    assert config['learning_rate'] == pytest.approx(2e-4)
+    assert 'math' not in config
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_configure_help_lists_keys_defaults_comments(g, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        common.configure(g, ['--batch_size=3', flag])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key, default in DEFAULTS.items():
+        matching = [ln for ln in lines if f"--{key}={default!r}" in ln]
+        assert len(matching) == 1, (key, lines)
+        assert matching[0].rstrip().endswith(f"# {COMMENTS[key]}"), matching[0]
+    assert not any('_private' in ln for ln in lines)
+    assert g['batch_size'] == 12  # --help does not apply overrides
+
+
+# -----------------------------------------------------------------------------
+# config_hash
+# -----------------------------------------------------------------------------
+
+BASE_CONFIG = dict(batch_size=16, learning_rate=3e-4, dataset='', hooks=['act_stats'], seed=1337, out_dir='out/a',
+                   init_from='scratch', overwrite=False, log_interval=10, eval_interval=200, eval_only=False)
+
+
+def test_hash_excluded_keys_constant():
+    assert common.HASH_EXCLUDED_KEYS == {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval',
+                                         'eval_only'}
+
+
+@pytest.mark.parametrize('key, value', [('out_dir', 'out/b'), ('init_from', 'resume'), ('overwrite', True),
+                                        ('log_interval', 1), ('eval_interval', 5), ('eval_only', True)])
+def test_config_hash_ignores_io_keys(key, value):
+    assert common.config_hash(dict(BASE_CONFIG, **{key: value})) == common.config_hash(BASE_CONFIG)
+
+
+@pytest.mark.parametrize('key, value', [('batch_size', 17), ('learning_rate', 3.1e-4), ('dataset', 'x.txt'),
+                                        ('hooks', []), ('seed', 1), ('new_key', 0)])
+def test_config_hash_changes_with_result_keys(key, value):
+    assert common.config_hash(dict(BASE_CONFIG, **{key: value})) != common.config_hash(BASE_CONFIG)
+
+
+def test_config_hash_is_sha256_of_canonical_json():
+    kept = {k: v for k, v in BASE_CONFIG.items() if k not in common.HASH_EXCLUDED_KEYS}
+    expected = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    assert common.config_hash(BASE_CONFIG) == expected
+    reordered = dict(reversed(list(BASE_CONFIG.items())))
+    assert common.config_hash(reordered) == expected
+
+
+# -----------------------------------------------------------------------------
+# pick_device, autocast_context
+# -----------------------------------------------------------------------------
+
+def test_pick_device_cpu():
+    assert common.pick_device('cpu') == 'cpu'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize('device', ['cuda', 'cuda:0'])
+def test_pick_device_cuda_unavailable(device):
+    with pytest.raises(UserError) as e:
+        common.pick_device(device)
+    assert device in str(e.value)
+
+
+@pytest.mark.parametrize('device', ['tpu', 'CPU', 'gpu', ''])
+def test_pick_device_invalid(device):
+    with pytest.raises(UserError):
+        common.pick_device(device)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend two CUDA devices and no MPS; no SLURM, no CUDA_VISIBLE_DEVICES."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    monkeypatch.delenv('SLURM_JOB_ID', raising=False)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    return monkeypatch
+
+
+def test_pick_device_auto_slurm_rule(fake_cuda):
+    assert common.pick_device('auto') == 'cuda'  # no SLURM
+    fake_cuda.setenv('SLURM_JOB_ID', '123')
+    assert common.pick_device('auto') == 'cpu'  # a SLURM job given no GPU never grabs one
+    fake_cuda.setenv('CUDA_VISIBLE_DEVICES', '')
+    assert common.pick_device('auto') == 'cpu'
+    fake_cuda.setenv('CUDA_VISIBLE_DEVICES', '0')
+    assert common.pick_device('auto') == 'cuda'
+
+
+def test_pick_device_auto_without_accelerators(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    assert common.pick_device('auto') == 'cpu'
+
+
+def test_pick_device_cuda_index(fake_cuda):
+    assert common.pick_device('cuda') == 'cuda'
+    assert common.pick_device('cuda:1') == 'cuda:1'
+    with pytest.raises(UserError) as e:
+        common.pick_device('cuda:2')
+    assert 'cuda:2' in str(e.value)
+
+
+@pytest.mark.parametrize('device', ['cuda:abc', 'cuda:-1', 'cuda0'])
+def test_pick_device_malformed_cuda_is_user_error(fake_cuda, device):
+    with pytest.raises(UserError):
+        common.pick_device(device)
+
+
+def test_autocast_context_cpu():
+    name, ctx = common.autocast_context('cpu', 'auto')
+    assert name == 'float32' and isinstance(ctx, contextlib.nullcontext)
+    name, ctx = common.autocast_context('cpu', 'float32')
+    assert name == 'float32' and isinstance(ctx, contextlib.nullcontext)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'fp32'])
+def test_autocast_context_cpu_refuses(dtype):
+    with pytest.raises(UserError) as e:
+        common.autocast_context('cpu', dtype)
+    assert dtype in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+# -----------------------------------------------------------------------------
+
+def tiny_state(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()  # so the optimizer has exp_avg / exp_avg_sq state
+    return model, opt
+
+
+def ckpt_fields(model, opt, **extra):
+    return dict(model_state_dict=model.state_dict(), optimizer_state_dict=opt.state_dict(),
+                model_args={'in': 3, 'out': 2}, args={'batch_size': 4}, **extra)
+
+
+def draws():
+    return torch.rand(3), np.random.rand(3), random.random(), np.random.standard_normal(), random.gauss(0, 1)
+
+
+def test_checkpoint_round_trip_with_rng(tmp_path):
+    model, opt = tiny_state(0)
+    np.random.standard_normal()  # leave a cached gaussian in numpy's state
+    random.gauss(0, 1)  # and in Python's
+    path = str(tmp_path / 'last.pt')
+    common.save_checkpoint(path, rng_state=common.rng_state(), iter_num=7, **ckpt_fields(model, opt))
+    expected = draws()
+    common.seed_everything(999)  # move every RNG elsewhere
+    assert not torch.equal(torch.rand(3), expected[0])
+
+    ckpt = common.load_checkpoint(path)
+    assert ckpt['schema_version'] == common.SCHEMA_VERSION == 1
+    assert 'git_commit' in ckpt and ckpt['iter_num'] == 7
+    assert ckpt['model_args'] == {'in': 3, 'out': 2} and ckpt['args'] == {'batch_size': 4}
+    common.set_rng_state(ckpt['rng_state'])
+    got = draws()
+    assert torch.equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2:] == expected[2:]
+
+    model2, opt2 = tiny_state(1)
+    model2.load_state_dict(ckpt['model_state_dict'])
+    opt2.load_state_dict(ckpt['optimizer_state_dict'])
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        for k in ('exp_avg', 'exp_avg_sq', 'step'):
+            assert torch.equal(opt.state[p][k], opt2.state[p2][k])
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    model, opt = tiny_state(0)
+    path = str(tmp_path / 'last.pt')
+    common.save_checkpoint(path, **ckpt_fields(model, opt), iter_num=1)
+    original = Path(path).read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    with pytest.raises(OSError):
+        common.save_checkpoint(path, **ckpt_fields(*tiny_state(5)), iter_num=2)
+    monkeypatch.undo()
+    assert Path(path).read_bytes() == original
+    ckpt = common.load_checkpoint(path)
+    assert ckpt['iter_num'] == 1
+    assert torch.equal(ckpt['model_state_dict']['weight'], model.weight)
+
+
+def test_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    common.save_checkpoint(path, **ckpt_fields(*tiny_state(0)))
+
+    def failing_replace(src, dst):
+        raise OSError("simulated failure")
+
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    with pytest.raises(OSError):
+        common.save_checkpoint(path, **ckpt_fields(*tiny_state(1)))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pt']
+
+
+def assert_unreadable(path, *words):
+    with pytest.raises(UserError) as e:
+        common.load_checkpoint(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and '\n' not in msg
+    for w in words:
+        assert w in msg
+    return msg
+
+
+def test_load_checkpoint_truncated(tmp_path):
+    good = tmp_path / 'good.pt'
+    common.save_checkpoint(str(good), **ckpt_fields(*tiny_state(0)))
+    data = good.read_bytes()
+    bad = tmp_path / 'truncated.pt'
+    bad.write_bytes(data[:len(data) // 2])
+    assert_unreadable(bad, 'not a readable checkpoint')
+
+
+def test_load_checkpoint_foreign_dict(tmp_path):
+    path = tmp_path / 'foreign.pt'
+    torch.save({'a': 1}, path)
+    msg = assert_unreadable(path, 'missing')
+    for k in ('model_state_dict', 'model_args', 'args'):
+        assert k in msg
+
+
+def test_load_checkpoint_not_a_dict(tmp_path):
+    path = tmp_path / 'list.pt'
+    torch.save([1, 2, 3], path)
+    assert_unreadable(path, 'missing')
+
+
+def test_load_checkpoint_custom_required(tmp_path):
+    path = tmp_path / 'c.pt'
+    common.save_checkpoint(str(path), weights={'w': torch.ones(2)})
+    assert torch.equal(common.load_checkpoint(str(path), required=('weights',))['weights']['w'], torch.ones(2))
+    assert_unreadable(path, 'missing', 'model_state_dict')
+
+
+def test_load_checkpoint_random_bytes(tmp_path):
+    path = tmp_path / 'noise.pt'
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert_unreadable(path, 'not a readable checkpoint')
+
+
+class _Payload:
+    """Unpickling this creates a file: the stand-in for code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def test_load_checkpoint_refuses_code(tmp_path):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pt'
+    torch.save(dict(model_state_dict={'w': _Payload(str(marker))}, model_args={}, args={}), path)
+    assert not marker.exists()
+    assert_unreadable(path, 'not a readable checkpoint')
+    assert not marker.exists()
+    # control: the payload is live, an unsafe load would have run it
+    obj = torch.load(path, weights_only=False)
+    obj['model_state_dict']['w'].close()
+    assert marker.exists()
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    path = tmp_path / 'nowhere' / 'last.pt'
+    with pytest.raises(UserError) as e:
+        common.load_checkpoint(str(path))
+    assert str(path) in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# resolve_init
+# -----------------------------------------------------------------------------
+
+def test_resolve_init_scratch_new_and_empty_dir(tmp_path):
+    assert common.resolve_init('scratch', str(tmp_path / 'new'), False) is None
+    assert common.resolve_init('scratch', str(tmp_path), False) is None
+
+
+@pytest.mark.parametrize('held', ['last.pt', 'best.pt'])
+def test_resolve_init_scratch_refuses_to_overwrite(tmp_path, held):
+    ckpt = tmp_path / held
+    ckpt.write_bytes(b'precious checkpoint bytes')
+    with pytest.raises(UserError) as e:
+        common.resolve_init('scratch', str(tmp_path), False)
+    assert '--overwrite' in str(e.value) and held in str(e.value)
+    assert ckpt.read_bytes() == b'precious checkpoint bytes'
+    assert common.resolve_init('scratch', str(tmp_path), True) is None
+    assert ckpt.read_bytes() == b'precious checkpoint bytes'
+
+
+def test_resolve_init_resume(tmp_path):
+    last = tmp_path / 'last.pt'
+    with pytest.raises(UserError) as e:
+        common.resolve_init('resume', str(tmp_path), False)
+    assert str(last) in str(e.value)
+    last.write_bytes(b'x')
+    assert common.resolve_init('resume', str(tmp_path), False) == str(last)
+
+
+def test_resolve_init_auto(tmp_path):
+    assert common.resolve_init('auto', str(tmp_path), False) is None
+    (tmp_path / 'last.pt').write_bytes(b'x')
+    assert common.resolve_init('auto', str(tmp_path), False) == str(tmp_path / 'last.pt')
+
+
+@pytest.mark.parametrize('value', ['fresh', 'gpt2', ''])
+def test_resolve_init_unknown(tmp_path, value):
+    with pytest.raises(UserError) as e:
+        common.resolve_init(value, str(tmp_path), False)
+    assert repr(value) in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# RunDir
+# -----------------------------------------------------------------------------
+
+CONFIG = dict(batch_size=4, learning_rate=1e-3, out_dir='out/x')
+
+
+def close(run):
+    for f in (getattr(run, '_log', None), getattr(run, '_events', None)):
+        if f is not None:
+            f.close()
+
+
+def read_events(out):
+    return [json.loads(line) for line in (out / 'events.jsonl').read_text().splitlines()]
+
+
+def read_csv(out):
+    with open(out / 'scalars.csv', newline='') as f:
+        return list(csv.reader(f))
+
+
+def test_rundir_config_json(tmp_path):
+    out = tmp_path / 'run'
+    run = common.RunDir(str(out), CONFIG, resume=False, device='cpu', world_size=1, hooks=['act_stats'])
+    close(run)
+    facts = json.loads((out / 'config.json').read_text())
+    required = {'config', 'run_id', 'config_hash', 'git_commit', 'git_dirty', 'argv', 'python', 'torch', 'start_time'}
+    assert required | {'device', 'world_size', 'hooks'} == set(facts)
+    assert facts['config'] == CONFIG
+    assert facts['run_id'] == run.run_id
+    assert facts['config_hash'] == run.config_hash == common.config_hash(CONFIG)
+    assert facts['argv'] == sys.argv
+    assert facts['python'] == platform.python_version() and facts['torch'] == torch.__version__
+    assert facts['device'] == 'cpu' and facts['world_size'] == 1 and facts['hooks'] == ['act_stats']
+    assert facts['git_dirty'] in (True, False, None)
+    assert not [p.name for p in out.iterdir() if '.tmp' in p.name]
+
+
+def test_rundir_print_event_scalars(tmp_path, capsys):
+    out = tmp_path / 'run'
+    run = common.RunDir(str(out), CONFIG, resume=False)
+    run.print('hello', 3)
+    run.event('start', iter=0, note='x')
+    run.event('eval', iter=10, **{'val/loss': 1.25})
+    run.scalars({'iter': 0, 'val/loss': 2.5})
+    run.scalars({'iter': 10, 'val/loss': 0.1234567891})
+    with pytest.raises(UserError) as e:
+        run.scalars({'iter': 20, 'train/loss': 1.0})
+    assert 'scalars.csv' in str(e.value)
+    with pytest.raises(UserError):
+        run.scalars({'val/loss': 1.0, 'iter': 20})  # same columns, another order: still a different header
+    close(run)
+
+    assert capsys.readouterr().out == 'hello 3\n'
+    assert (out / 'log.txt').read_text() == 'hello 3\n'
+    events = read_events(out)
+    assert [e['event'] for e in events] == ['start', 'eval']
+    assert all(e['schema_version'] == 1 and e['run_id'] == run.run_id for e in events)
+    assert events[0]['iter'] == 0 and events[0]['note'] == 'x' and events[1]['val/loss'] == 1.25
+    assert read_csv(out) == [['iter', 'val/loss'], ['0', '2.5'], ['10', '0.123457']]
+
+
+def test_rundir_resume_appends_and_fresh_start_truncates(tmp_path):
+    out = tmp_path / 'run'
+    first = common.RunDir(str(out), CONFIG, resume=False)
+    first.print('first')
+    first.event('start', iter=0)
+    first.scalars({'iter': 0, 'loss': 2.0})
+    close(first)
+
+    second = common.RunDir(str(out), CONFIG, resume=True)
+    with pytest.raises(UserError):
+        second.scalars({'step': 5, 'loss': 1.0})  # the header comes from the existing file
+    second.print('second')
+    second.event('start', iter=5)
+    second.scalars({'iter': 5, 'loss': 1.5})
+    close(second)
+    assert [(e['event'], e['iter'], e['run_id']) for e in read_events(out)] == [
+        ('start', 0, first.run_id), ('start', 5, second.run_id)]
+    assert read_csv(out) == [['iter', 'loss'], ['0', '2'], ['5', '1.5']]
+    assert (out / 'log.txt').read_text() == 'first\nsecond\n'
+    assert json.loads((out / 'config.json').read_text())['run_id'] == second.run_id
+
+    third = common.RunDir(str(out), CONFIG, resume=False)
+    assert not (out / 'scalars.csv').exists()
+    third.event('start', iter=0)
+    third.scalars({'step': 0, 'acc': 0.5})  # a fresh run fixes a new header
+    close(third)
+    assert [e['run_id'] for e in read_events(out)] == [third.run_id]
+    assert read_csv(out) == [['step', 'acc'], ['0', '0.5']]
+    assert (out / 'log.txt').read_text() == ''
+
+
+def test_rundir_non_master_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'rank1'
+    run = common.RunDir(str(out), CONFIG, resume=False, master=False, device='cpu')
+    run.print('hidden')
+    run.event('start', iter=0)
+    run.scalars({'iter': 0, 'loss': 1.0})
+    run.write_text('model.txt', 'x')
+    assert not out.exists()
+    assert capsys.readouterr().out == ''
+    assert run.config_hash == common.config_hash(CONFIG)
+
+
+def test_rundir_write_text(tmp_path):
+    out = tmp_path / 'run'
+    run = common.RunDir(str(out), CONFIG, resume=False)
+    run.write_text('samples.txt', 'a\n', mode='a')
+    run.write_text('samples.txt', 'b\n', mode='a')
+    close(run)
+    assert (out / 'samples.txt').read_text() == 'a\nb\n'
+
+
+# -----------------------------------------------------------------------------
+# matmul_peak_flops
+# -----------------------------------------------------------------------------
+
+def test_matmul_peak_flops_cpu():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    flops = common.matmul_peak_flops('cpu', 64, 64, 64)
+    assert isinstance(flops, float) and math.isfinite(flops) and flops > 0
+    assert torch.equal(torch.rand(3), expected)  # measuring must not move the training RNG
+
+
+@pytest.mark.parametrize('device', ['mps', 'meta', 'xla'])
+def test_matmul_peak_flops_unknown_device(device):
+    assert common.matmul_peak_flops(device, 64, 64, 64) is None
