@@ -8,6 +8,7 @@ import contextlib
 import csv
 import datetime
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -241,6 +242,7 @@ def _git(*args):
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit():
     return _git('rev-parse', 'HEAD')
 

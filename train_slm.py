@@ -138,6 +138,10 @@ run = RunDir(out_dir, config, resume=ckpt is not None, master=master, hooks=hook
 run.write_text('model.txt', f"{raw_model}\nparameters: {raw_model.num_params(False):,} "
                             f"({raw_model.num_params():,} without position embeddings)\n")
 run.event('start', iter=iter_num, resumed_from=resume_path, config_hash=run.config_hash)
+if not ckpt:
+    run.write_text('samples.txt', '')  # a fresh run (also --overwrite=True) starts its own samples file
+if ckpt and ckpt['data_sha256'] != meta['sha256']:
+    run.print(f"warning: the data changed since {resume_path} was saved; the batch order continues over the new text")
 run.print(f"data: {meta['source']} | {meta['chars']:,} chars | {meta['unk_count']:,} mapped to <UNK> | "
           f"{len(train_starts):,} train windows | sha256 {meta['sha256'][:12]}")
 run.print(f"model: {raw_model.num_params():,} parameters | device {device} | dtype {dtype} | world {world_size}"

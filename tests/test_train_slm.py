@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, TINY_SLM, python_like_text, run_script
 
 from data import get_batch
+from model import CharTransformer, TransformerConfig
 
 
 def train(cwd, corpus, *args, check=True):
@@ -229,3 +230,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, corpus, tmp_
 def test_non_ascii_is_mapped_to_unk_and_counted(trained):
     facts = json.loads((trained / 'config.json').read_text())
     assert facts['data']['unk_count'] == python_like_text(600).count('\u00e9') == 1
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, corpus):
+    """batch 8 in one step == batch 4 x 2 accumulated micro-steps (the same 8 windows; dropout off)."""
+    common = ['--max_iters=2', '--eval_interval=100', '--dropout=0.0']
+    train(tmp_path, corpus, *common, '--batch_size=8', '--out_dir=out/big')
+    train(tmp_path, corpus, *common, '--batch_size=4', '--gradient_accumulation_steps=2', '--out_dir=out/acc')
+    train(tmp_path, corpus, '--max_iters=0', '--out_dir=out/init')
+    big, acc = weights(tmp_path / 'out' / 'big' / 'last.pt'), weights(tmp_path / 'out' / 'acc' / 'last.pt')
+    assert all(torch.allclose(big[k], acc[k], atol=1e-5) for k in big)
+    torch.manual_seed(1337)  # the script's seed: the same initial weights
+    init = CharTransformer(TransformerConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, d_ff=64)).state_dict()
+    assert all(torch.equal(init[k], weights(tmp_path / 'out' / 'init' / 'last.pt')[k]) for k in init)
+    assert not any(torch.allclose(big[k], init[k]) for k in big if k.endswith('mlp_fc.weight'))  # steps moved it
