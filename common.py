@@ -26,6 +26,7 @@ import uuid
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 SCHEMA_VERSION = 1
 # keys that only say where/how often to write; they never change a result, so they stay out of config_hash
@@ -172,7 +173,6 @@ def init_distributed(device):
     Returns (ddp, rank, world_size, device)."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, pick_device(device)
-    import torch.distributed as dist
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     device = pick_device(device)
     if device.startswith('cuda'):
@@ -186,7 +186,6 @@ def all_ranks_any(flag, ddp, device):
     """True on every rank if `flag` is true on any rank (so all ranks stop at the same iteration)."""
     if not ddp:
         return flag
-    import torch.distributed as dist
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -340,7 +339,6 @@ def rng_states_all_ranks(ddp):
     """One rng_state() per rank (a collective under DDP), so every rank's dropout stream resumes exactly."""
     if not ddp:
         return [rng_state()]
-    import torch.distributed as dist
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, rng_state())
     return states
