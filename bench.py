@@ -94,12 +94,14 @@ def bench_slm():
     cfg = TransformerConfig()
     batch_size = 16
     m, ours = slm_train_step(cfg)
-    _, attn_drop = slm_train_step(TransformerConfig(attn_dropout=0.1))
+    _, gpt = slm_train_step(TransformerConfig(attn_dropout=0.1, embd_dropout=0.1))
+    _, no_attn = slm_train_step(TransformerConfig(embd_dropout=0.1))
     _, no_drop = slm_train_step(TransformerConfig(dropout=0.0))
     peak_step, peak_flops = matmul(batch_size * cfg.block_size, cfg.n_embd, cfg.d_ff)
-    variants = {'nanoGPT placement (attn dropout, torch dropout)': with_torch_dropout(attn_drop),
-                'no attn-prob dropout, torch dropout': with_torch_dropout(ours),
-                'ours: no attn-prob dropout, 15-bit masks': ours,
+    variants = {'nanoGPT placement: embd + attn-prob + residual dropout, torch masks': with_torch_dropout(gpt),
+                'embd + residual dropout (fused SDPA kernel), torch masks': with_torch_dropout(no_attn),
+                'embd + residual dropout, 15-bit masks': no_attn,
+                'ours: residual dropout, 15-bit masks': ours,
                 'no dropout at all (upper bound)': no_drop,
                 'matmul': peak_step}
     times = interleaved(variants, steps_per_round)
@@ -113,7 +115,7 @@ def bench_slm():
                   f"in the same rounds" if device == 'cpu' else "datasheet")
         print(f"peak: {peak / 1e9:.1f} GFLOP/s ({source})")
     print("| variant | ms/iter | tokens/s | MFU | vs nanoGPT placement |\n|---|---|---|---|---|")
-    base = times['nanoGPT placement (attn dropout, torch dropout)']
+    base = times['nanoGPT placement: embd + attn-prob + residual dropout, torch masks']
     for name, dt in times.items():
         mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a"
         print(f"| {name} | {1000 * dt:.0f} | {batch_size * cfg.block_size / dt:,.0f} | {mfu} | {base / dt:.2f}x |")

@@ -37,8 +37,9 @@ class TransformerConfig:
     n_head: int = 4
     n_embd: int = 256
     d_ff: int = 1024
-    dropout: float = 0.1  # on the embeddings and on each residual branch
+    dropout: float = 0.1  # on the output of each attention and MLP branch (GPT-2's resid_pdrop)
     attn_dropout: float = 0.0  # on attention probabilities; > 0 takes SDPA off its fused kernel (slow on CPU)
+    embd_dropout: float = 0.0  # on the token + position embedding sum (GPT-2's embd_pdrop)
 
 
 class KVCache:
@@ -134,7 +135,7 @@ class CharTransformer(nn.Module):
         start = cache.length if cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size"
         pos = torch.arange(start, start + T, device=idx.device)
-        x = dropout(self.wte(idx) + self.wpe(pos), self.config.dropout, self.training)
+        x = dropout(self.wte(idx) + self.wpe(pos), self.config.embd_dropout, self.training)
         for block in self.blocks:
             x = block(x, cache)
         if cache is not None:

@@ -450,3 +450,23 @@ def test_weight_init(p1_model):
         assert abs(p.std().item() - expected) < 0.1 * expected, name
         assert abs(p.mean().item()) < 0.1 * expected, name
     assert {'c_attn', 'c_proj', 'mlp_fc', 'mlp_proj', 'wte', 'wpe'} <= seen
+
+
+def test_embd_dropout_acts_on_the_embedding_sum_only():
+    """With only embd_dropout on, train-mode outputs vary between calls and equal a forward whose embedding sum
+    went through model.dropout with the same RNG state; eval mode ignores it."""
+    model = tiny_model(eval_mode=False, dropout=0.0, attn_dropout=0.0, embd_dropout=0.5)
+    idx = torch.randint(0, 99, (2, 16))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = model(idx)
+        torch.manual_seed(3)
+        x = dropout(model.wte(idx) + model.wpe(torch.arange(16)), 0.5, True)
+        for block in model.blocks:
+            x = block(x)
+        reference = torch.nn.functional.linear(model.ln_f(x), model.wte.weight)
+        b = model(idx)
+        model.eval()
+        assert torch.equal(model(idx), model(idx))
+    assert torch.allclose(a, reference, atol=1e-6)
+    assert not torch.allclose(a, b)
