@@ -101,13 +101,13 @@ def prepare_text(dataset, cache_dir, val_fraction=0.05):
     key = hashlib.sha256(json.dumps([sha, tokenizer.to_dict(), val_fraction]).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, 'slm', key)
     meta_path = os.path.join(folder, 'meta.json')
-    if os.path.exists(meta_path):
+    try:  # reuse the cache only if it is complete: meta.json readable, both token files of the recorded size
         with open(meta_path) as f:
             meta = json.load(f)
-        sizes_ok = all(os.path.exists(os.path.join(folder, f'{s}.bin')) and
-                       os.path.getsize(os.path.join(folder, f'{s}.bin')) == meta[f'{s}_tokens'] for s in ('train', 'val'))
-        if sizes_ok:
+        if all(os.path.getsize(os.path.join(folder, f'{s}.bin')) == meta[f'{s}_tokens'] for s in ('train', 'val')):
             return folder, dict(meta, **provenance)  # the same text may come from another path this time
+    except (OSError, ValueError, KeyError):
+        pass  # missing, partial or corrupt: prepare it again (nothing else lives in this folder)
     ids = tokenizer.encode_array(text)
     n_train = int(len(ids) * (1 - val_fraction))  # contiguous split: no leakage between neighbouring windows
     os.makedirs(folder, exist_ok=True)

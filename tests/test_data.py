@@ -332,3 +332,17 @@ def test_sampler_just_enough_windows(n, batch, world):
     for rank in range(world):
         b = data.WindowSampler(n, batch, seed=0, rank=rank, world_size=world).next()
         assert len(b) == batch
+
+
+def test_prepare_text_repairs_corrupt_meta(tmp_path):
+    """A corrupt meta.json (a kill mid-write on a filesystem without atomic rename, a hand edit) is re-prepared."""
+    src = tmp_path / 'corpus.txt'
+    src.write_text('print("hello")\n' * 500)
+    folder, meta = data.prepare_text(str(src), str(tmp_path / "cache"))
+    meta_path = os.path.join(folder, 'meta.json')
+    with open(meta_path, 'w') as f:
+        f.write('{"train_tokens": 12')  # truncated JSON
+    folder2, meta2 = data.prepare_text(str(src), str(tmp_path / "cache"))
+    assert folder2 == folder and meta2['train_tokens'] == meta['train_tokens']
+    with open(meta_path) as f:
+        assert json.load(f)['sha256'] == meta['sha256']
