@@ -36,7 +36,7 @@ overwrite = False  # allow init_from='scratch' into an out_dir that already hold
 dataset = ''  # path to a UTF-8 text file; '' = the running Python's standard-library .py sources (~8 MB)
 cache_dir = 'cache'  # tokenized data is cached here, keyed by the source's sha256
 block_size = 256  # context length in characters
-stride = 256  # distance between training window starts; < block_size gives overlapping windows
+stride = 0  # distance between training window starts; 0 = block_size (no overlap), < block_size overlaps
 batch_size = 16  # windows per micro-batch per process
 gradient_accumulation_steps = 1  # micro-batches per optimizer step (tokens/step = this * batch * block * ranks)
 # model
@@ -82,6 +82,7 @@ ckpt = load_checkpoint(resume_path) if resume_path else None
 seed_everything(seed + rank)
 
 # data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
+stride = stride or block_size
 if stride < 1 or block_size < 1:
     raise UserError(f"stride={stride}, block_size={block_size}: both must be positive")
 tokenizer = CharTokenizer()

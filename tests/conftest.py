@@ -9,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# one thread per script: bit-exact comparisons between runs need the same float reduction order
+SCRIPT_ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 # a model small enough that a subprocess run takes a few seconds on 2 CPU cores
 TINY_SLM = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--d_ff=64', '--block_size=32', '--batch_size=4',
             '--eval_iters=2', '--sample_tokens=16', '--log_interval=1', '--device=cpu']
@@ -16,8 +18,7 @@ TINY_SLM = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--d_ff=64', '--block_si
 
 def run_script(script, *args, cwd, check=True, timeout=240):
     """Run a project script as a user would (python script.py args) from `cwd`; return the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=SCRIPT_ENV,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_SLM, python_like_text, run_script
+from conftest import ROOT, SCRIPT_ENV, TINY_SLM, python_like_text, run_script
 
 from data import get_batch
 from model import CharTransformer, TransformerConfig
@@ -97,7 +97,8 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
 def test_sigterm_saves_and_auto_resume_continues_exactly(tmp_path, corpus):
     args = [sys.executable, str(ROOT / 'train_slm.py'), *TINY_SLM, f'--dataset={corpus}', '--out_dir=out/s',
             '--eval_interval=100000', '--max_iters=100000']
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     log = tmp_path / 'out' / 's' / 'log.txt'
     deadline = time.time() + 120
     while not (log.exists() and 'iter 5 |' in log.read_text()) and time.time() < deadline and proc.poll() is None:
@@ -121,8 +122,7 @@ def test_torchrun_two_processes(tmp_path, corpus):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            str(ROOT / 'train_slm.py'), *TINY_SLM, f'--dataset={corpus}', '--max_iters=4', '--eval_interval=2',
            '--out_dir=out/ddp']
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**__import__('os').environ, 'OMP_NUM_THREADS': '1'})
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / 'out' / 'ddp'
     assert json.loads((run_dir / 'config.json').read_text())['world_size'] == 2
@@ -244,3 +244,11 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, corpus):
     init = CharTransformer(TransformerConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, d_ff=64)).state_dict()
     assert all(torch.equal(init[k], weights(tmp_path / 'out' / 'init' / 'last.pt')[k]) for k in init)
     assert not any(torch.allclose(big[k], init[k]) for k in big if k.endswith('mlp_fc.weight'))  # steps moved it
+
+
+def test_stride_defaults_to_block_size(trained):
+    """TINY_SLM sets block_size=32 and no stride: windows start every 32 characters (the issue's default)."""
+    text_chars = json.loads((trained / 'config.json').read_text())['data']['chars']
+    n_train = int(text_chars * 0.95)
+    expected = len(range(0, n_train - 32, 32))
+    assert f'| {expected:,} train windows |' in (trained / 'log.txt').read_text()
