@@ -173,3 +173,90 @@ def lm_loss(logits, targets, ignore_index=0):
     """Next-token cross-entropy over all positions, mean over non-PAD targets:
     L = -1/N * sum_{b,t: y != PAD} log softmax(logits[b, t])[y[b, t]]."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+
+
+# -----------------------------------------------------------------------------
+# SPOTER (train_spoter.py): pose transformer for isolated sign recognition (Bohacek & Hruz, WACV-W 2022)
+# -----------------------------------------------------------------------------
+
+
+def feed_forward(d_model, d_ff, dropout):
+    return nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+
+
+class SPOTEREncoderLayer(nn.Module):
+    """Post-norm encoder layer (as nn.TransformerEncoderLayer): self-attention over frames, then ReLU MLP."""
+
+    def __init__(self, d_model, n_head, d_ff, dropout):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.ff = feed_forward(d_model, d_ff, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x, pad_mask):
+        attended = self.self_attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0]
+        x = self.norm1(x + self.drop1(attended))
+        return self.norm2(x + self.drop2(self.ff(x)))
+
+
+class SPOTERDecoderLayer(nn.Module):
+    """SPOTER's decoder layer: no self-attention (the original replaces it by t = norm1(t + dropout(t)), kept
+    for parity), cross-attention from the class query to the encoded frames, then ReLU MLP; post-norm."""
+
+    def __init__(self, d_model, n_head, d_ff, dropout):
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.ff = feed_forward(d_model, d_ff, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, query, memory, pad_mask):
+        query = self.norm1(query + self.drop1(query))
+        attended, weights = self.cross_attn(query, memory, memory, key_padding_mask=pad_mask)  # weights (B, 1, T)
+        query = self.norm2(query + self.drop2(attended))
+        return self.norm3(query + self.drop3(self.ff(query))), weights
+
+
+class SPOTER(nn.Module):
+    """Frames of 54 (x, y) landmarks are the tokens (d_model 108, no input projection). 6 encoder layers over
+    the frames; 6 decoder layers in which one learned class query attends to them; a linear head on its output.
+
+    pos_embedding: 'single' = the original's one learned vector added to every frame (no frame order; SPOTER
+    issue #12); 'learned' = one vector per frame up to max_frames, initialised to the same vector, so the model
+    starts as the original and can learn order. Batched clips are padded; pad_mask (B, T) is True at padding,
+    and a padded batch gives the logits of each clip alone."""
+
+    def __init__(self, num_classes, pos_embedding='single', max_frames=256, d_model=108, n_head=9, n_layer=6,
+                 d_ff=2048, dropout=0.1):
+        super().__init__()
+        if pos_embedding not in ('single', 'learned'):
+            raise ValueError(f"pos_embedding={pos_embedding!r}: expected 'single' or 'learned'")
+        self.encoder = nn.ModuleList(SPOTEREncoderLayer(d_model, n_head, d_ff, dropout) for _ in range(n_layer))
+        self.decoder = nn.ModuleList(SPOTERDecoderLayer(d_model, n_head, d_ff, dropout) for _ in range(n_layer))
+        self.encoder_norm, self.decoder_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        for p in [*self.encoder.parameters(), *self.decoder.parameters()]:
+            if p.dim() > 1:  # nn.Transformer's initialisation, which the original inherits
+                nn.init.xavier_uniform_(p)
+        frames = 1 if pos_embedding == 'single' else max_frames
+        self.pos = nn.Parameter(torch.rand(1, 1, d_model).repeat(1, frames, 1))  # U[0,1) like the original
+        self.class_query = nn.Parameter(torch.rand(1, 1, d_model))
+        self.head = nn.Linear(d_model, num_classes)
+
+    def features(self, poses, pad_mask=None):
+        """poses (B, T, 54, 2) -> (the class query's final state (B, d_model), its last cross-attention (B, T))."""
+        x = poses.flatten(2)  # (B, T, 108)
+        if x.size(1) > self.pos.size(1) > 1:
+            raise ValueError(f"clip of {x.size(1)} frames exceeds max_frames={self.pos.size(1)}")
+        x = x + self.pos[:, :x.size(1)]
+        for layer in self.encoder:
+            x = layer(x, pad_mask)
+        memory = self.encoder_norm(x)
+        query = self.class_query.expand(x.size(0), -1, -1)  # (B, 1, d_model)
+        for layer in self.decoder:
+            query, weights = layer(query, memory, pad_mask)
+        return self.decoder_norm(query)[:, 0], weights[:, 0]
+
+    def forward(self, poses, pad_mask=None):
+        """poses (B, T, 54, 2), pad_mask (B, T) bool or None -> logits (B, num_classes)."""
+        return self.head(self.features(poses, pad_mask)[0])
