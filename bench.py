@@ -4,6 +4,7 @@ run interleaved in one process (round-robin over the variants) and reported as m
 
     python bench.py slm                 # matmul peak, training ms/iter + MFU per variant, KV-cache sampling
     python bench.py slm --rounds=10     # more rounds for a quieter median
+    python bench.py spoter              # clips/s at batch 1 vs the default batch, data-work share
 """
 import statistics
 import sys
@@ -136,5 +137,52 @@ def bench_slm():
           f"same tokens: {torch.equal(tokens[True], tokens[False])}")
 
 
+# -----------------------------------------------------------------------------
+# spoter: training clips/s at batch 1 (the original's recipe) vs the default batch, and the data share
+# -----------------------------------------------------------------------------
+
+def bench_spoter(n_clips=256, batch_size=32):
+    from data import augment_poses, make_sign_clips, normalize_poses
+    from model import SPOTER
+    clips, labels = make_sign_clips(16, n_clips // 16, seed=0)  # 20-60 frames, like the reference measurement
+    labels = torch.as_tensor(labels)
+    generator = torch.Generator().manual_seed(0)
+
+    def batch_of(indices):
+        longest = max(len(clips[i]) for i in indices)
+        poses, pad_mask = torch.zeros(len(indices), longest, 54, 2), torch.ones(len(indices), longest, dtype=torch.bool)
+        for row, i in enumerate(indices):
+            poses[row, :len(clips[i])], pad_mask[row, :len(clips[i])] = torch.from_numpy(clips[i]), False
+        return poses.to(device), pad_mask.to(device), labels[list(indices)].to(device)
+
+    def trainer(size, optimizer):
+        model = SPOTER(16).to(device)
+        opt = optimizer(model.parameters())
+        cursor = [0]
+
+        def data_work():
+            indices = [(cursor[0] + k) % n_clips for k in range(size)]
+            cursor[0] += size
+            poses, pad_mask, y = batch_of(indices)
+            return normalize_poses(augment_poses(poses, pad_mask, generator), pad_mask), pad_mask, y
+
+        def step():
+            poses, pad_mask, y = data_work()
+            F.cross_entropy(model(poses, pad_mask), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, data_work
+    one, _ = trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3))
+    batched, data_only = trainer(batch_size, lambda p: torch.optim.AdamW(p, lr=3e-4))
+    times = interleaved({'batch 1': one, f'batch {batch_size}': batched, 'data work only': data_only},
+                        steps_per_round)
+    print(f"\n## spoter: 16 classes, clips of 20-60 frames, device {device}, {torch.get_num_threads()} threads")
+    print(f"batch 1 (SGD, the original's recipe): {1 / times['batch 1']:.1f} clips/s")
+    print(f"batch {batch_size} (AdamW): {batch_size / times[f'batch {batch_size}']:.1f} clips/s = "
+          f"{times['batch 1'] * batch_size / times[f'batch {batch_size}']:.1f}x batch 1")
+    print(f"data work (augment + normalize) at batch {batch_size}: "
+          f"{100 * times['data work only'] / times[f'batch {batch_size}']:.1f}% of a training step")
+
+
 for section in sections:
-    {'slm': bench_slm}[section]()
+    {'slm': bench_slm, 'spoter': bench_spoter}[section]()

@@ -379,8 +379,14 @@ def load_checkpoint(path, required=('model_state_dict', 'model_args', 'args')):
 
 
 def resolve_init(init_from, out_dir, overwrite):
-    """'scratch' | 'resume' | 'auto' -> None (start fresh) or the checkpoint path to resume from."""
+    """'scratch' | 'resume' | 'auto' | a checkpoint path (e.g. 'best.pt', looked up in out_dir too)
+    -> None (start fresh) or the checkpoint path to start from."""
     last = os.path.join(out_dir, 'last.pt')
+    if init_from.endswith('.pt'):
+        path = init_from if os.path.exists(init_from) else os.path.join(out_dir, init_from)
+        if not os.path.exists(path):
+            raise UserError(f"init_from={init_from!r}: no such checkpoint (looked in . and in {out_dir})")
+        return path
     if init_from == 'auto' and os.path.exists(last):
         return last
     if init_from == 'resume':
@@ -393,4 +399,4 @@ def resolve_init(init_from, out_dir, overwrite):
             raise UserError(f"out_dir {out_dir} already holds {', '.join(held)}: refusing to start from scratch over "
                             f"it; use --init_from=resume or auto, another --out_dir, or --overwrite=True")
         return None
-    raise UserError(f"init_from={init_from!r}: expected 'scratch', 'resume' or 'auto'")
+    raise UserError(f"init_from={init_from!r}: expected 'scratch', 'resume', 'auto' or a path to a .pt file")

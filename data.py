@@ -2,13 +2,18 @@
 Every data format the scripts read, and the built-in data they fall back on. One banner per family.
 Prepared data goes to cache/, keyed by a hash of what produced it, written atomically.
 """
+import ast
+import csv
 import glob
 import hashlib
+import io
 import json
+import math
 import os
 import sys
 import sysconfig
 
+import h5py
 import numpy as np
 import torch
 
@@ -139,8 +144,8 @@ class WindowSampler:
 
     def __init__(self, n_windows, batch_size, seed, rank=0, world_size=1):
         if n_windows // world_size < batch_size:
-            raise UserError(f"{n_windows} training windows cannot fill one batch of {batch_size} per rank "
-                            f"on {world_size} rank(s): use a longer dataset, a smaller block_size or batch_size")
+            raise UserError(f"{n_windows} training windows/clips cannot fill one batch of {batch_size} per rank "
+                            f"on {world_size} rank(s): use more data or a smaller batch_size (or block_size)")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n_windows, batch_size, seed, rank, world_size
         self.epoch, self.cursor = 0, 0
         self._order = None
@@ -165,3 +170,686 @@ class WindowSampler:
 
     def load_state_dict(self, state):
         self.epoch, self.cursor, self._order = state['epoch'], state['cursor'], None
+
+
+# -----------------------------------------------------------------------------
+# pose (train_spoter.py): SPOTER CSV, HDF5 cache, procedural signs
+# -----------------------------------------------------------------------------
+
+SPOTER_BODY = ['nose', 'neck', 'rightEye', 'leftEye', 'rightEar', 'leftEar', 'rightShoulder', 'leftShoulder',
+               'rightElbow', 'leftElbow', 'rightWrist', 'leftWrist']
+SPOTER_HAND_JOINTS = ['wrist', 'indexTip', 'indexDIP', 'indexPIP', 'indexMCP', 'middleTip', 'middleDIP', 'middlePIP',
+                      'middleMCP', 'ringTip', 'ringDIP', 'ringPIP', 'ringMCP', 'littleTip', 'littleDIP', 'littlePIP',
+                      'littleMCP', 'thumbTip', 'thumbIP', 'thumbMP', 'thumbCMC']
+# tensor order (T, 54, 2): body 12, hand 0 (`_left` columns), hand 1 (`_right` columns); CSV columns add _X / _Y
+SPOTER_LANDMARKS = SPOTER_BODY + [f'{j}_left' for j in SPOTER_HAND_JOINTS] + [f'{j}_right' for j in SPOTER_HAND_JOINTS]
+SPOTER_COLUMNS = [f'{stem}_{axis}' for stem in SPOTER_LANDMARKS for axis in 'XY']
+_NUMBER_TYPES = {int, float}
+csv.field_size_limit(2**30)  # one cell holds a whole video's track: long clips exceed csv's 128 KiB default
+
+
+def _landmark_set(column):
+    """Which landmark set a CSV column belongs to, for error messages."""
+    stem = column[:-2]
+    if stem in SPOTER_BODY:
+        return 'body landmarks'
+    return 'hand 0 joints (<joint>_left_X/Y)' if stem.endswith('_left') else 'hand 1 joints (<joint>_right_X/Y)'
+
+
+def _parse_track(text):
+    """'[0.5, 0.25]' -> [0.5, 0.25], or None if the cell is not a list of numbers. Exact: both parsers round
+    correctly. json is ~10x faster than literal_eval, which reads what json refuses but Python writes ('[.5]')."""
+    try:
+        values = json.loads(text)
+    except ValueError:
+        try:
+            values = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    # bools are ints to Python and strings would pass np.array: accept only plain numbers
+    if type(values) is not list or not set(map(type, values)) <= _NUMBER_TYPES:
+        return None
+    return values
+
+
+def _spoter_header(path, header):
+    """Column name -> index for `labels` and every landmark column; a missing one is an error naming it."""
+    index = {name.strip(): i for i, name in reversed(list(enumerate(header)))}  # first occurrence wins
+    if 'labels' not in index:
+        raise UserError(f"{path}: row 0 (header): no 'labels' column; a SPOTER CSV has one integer class label per row")
+    missing = [c for c in SPOTER_COLUMNS if c not in index]
+    if missing:
+        raise UserError(f"{path}: row 0 (header): column '{missing[0]}' is missing (one of the "
+                        f"{_landmark_set(missing[0])}; {len(missing)} of the {len(SPOTER_COLUMNS)} landmark columns "
+                        f"are missing)")
+    return index['labels'], [index[c] for c in SPOTER_COLUMNS]
+
+
+def _spoter_label(path, row_number, text):
+    """An integer label; '3.0' (how some tools write ints) is accepted, '3.5' or 'sign' is not."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value.is_integer():
+        raise UserError(f"{path}: row {row_number}, column labels: {text[:40]!r} is not an integer class label")
+    return int(value)
+
+
+def _spoter_clip(path, row_number, row, columns):
+    """One CSV row's 108 landmark cells -> (T, 54, 2) float32, every cell checked."""
+    tracks = []
+    for name, i in zip(SPOTER_COLUMNS, columns):
+        track = _parse_track(row[i])
+        if track is None:
+            raise UserError(f"{path}: row {row_number}, column {name}: expected a list of numbers such as "
+                            f"[0.5, 0.25], got {row[i][:40]!r}")
+        if len(track) != len(tracks[0] if tracks else track):  # every column of a row is the same video
+            raise UserError(f"{path}: row {row_number}: column {name} has {len(track)} frames but column "
+                            f"{SPOTER_COLUMNS[0]} has {len(tracks[0])}; every landmark column needs the same count")
+        tracks.append(track)
+    values = np.array(tracks, dtype=np.float64)  # (108, T): _X, _Y per landmark
+    if not np.isfinite(values).all():  # json accepts NaN/Infinity; they would only surface later as a NaN loss
+        name = SPOTER_COLUMNS[int(np.nonzero(~np.isfinite(values).all(1))[0][0])]
+        raise UserError(f"{path}: row {row_number}, column {name}: contains a NaN or infinite value")
+    return values.astype(np.float32).reshape(54, 2, -1).transpose(2, 0, 1).copy()  # (T, 54, 2)
+
+
+def read_spoter_csv(path):
+    """Read a SPOTER CSV: one row per video, `labels` plus `<landmark>_X/_Y` cells of per-frame lists.
+    Returns (clips: list of (T, 54, 2) float32 with values as in the file (Y up, 0 = missing), labels: int64 raw,
+    skipped: rows with no landmark in any frame, dropped). Extra columns (root_X, video_fps, ...) are ignored."""
+    if not os.path.isfile(path):
+        raise UserError(f"pose CSV {path}: no such file" + (" (it is a directory)" if os.path.isdir(path) else ""))
+    clips, labels, skipped, row_number = [], [], 0, 0
+    with open(path, newline='', encoding='utf-8-sig') as f:  # utf-8-sig: spreadsheet exports start with a BOM
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if not header:
+                raise UserError(f"pose CSV {path} is empty: expected a header of 'labels' and <landmark>_X/_Y")
+            label_column, columns = _spoter_header(path, header)
+            for row_number, row in enumerate(reader, start=1):
+                if not row:
+                    continue  # a blank line (often the last one); row numbers still count it, like a line number
+                if len(row) != len(header):
+                    raise UserError(f"{path}: row {row_number} has {len(row)} fields but the header has {len(header)}")
+                label = _spoter_label(path, row_number, row[label_column].strip())
+                clip = _spoter_clip(path, row_number, row, columns)
+                if not clip.any():  # no pose detected in any frame: nothing to learn from (real datasets have a few)
+                    skipped += 1
+                    continue
+                clips.append(clip)
+                labels.append(label)
+        except (UnicodeDecodeError, csv.Error) as e:  # a binary or non-UTF-8 file, a NUL byte, an unclosed quote
+            raise UserError(f"{path}: row {row_number + 1}: not a readable UTF-8 CSV ({e})") from None
+    if not clips:
+        why = f"all {skipped} rows have no landmark in any frame" if skipped else "a header but no data rows"
+        raise UserError(f"pose CSV {path} has {why}")
+    return clips, np.array(labels, dtype=np.int64), skipped
+
+
+def resolve_label_offset(labels, label_offset, num_classes, path):
+    """Make labels 0-based. 'auto': smallest label 1 -> subtract 1 (the original's convention), 0 -> keep, else an
+    error; an int -> subtract it. Resolve on the training set and pass the resulting int for val/test, whose
+    smallest class may be absent. Returns (labels_zero_based, offset)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if label_offset == 'auto':
+        smallest = int(labels.min()) if len(labels) else 0
+        if smallest not in (0, 1):
+            raise UserError(f"{path}: label_offset='auto' cannot tell the label base: the smallest label is {smallest} "
+                            f"(expected 0 for 0-based or 1 for 1-based labels); set label_offset to an int")
+        offset = smallest
+    elif isinstance(label_offset, int) and not isinstance(label_offset, bool):
+        offset = label_offset
+    else:
+        raise UserError(f"label_offset={label_offset!r}: expected 'auto' or an int")
+    shifted = labels - offset
+    bad = (shifted < 0) | (shifted >= num_classes if num_classes is not None else False)
+    if bad.any():
+        first = int(np.nonzero(bad)[0][0])
+        valid = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
+        raise UserError(f"{path}: label {int(labels[first])} (row {first + 1} of the kept rows) minus label_offset "
+                        f"{offset} is {int(shifted[first])}, outside the valid range {valid} "
+                        f"({int(bad.sum())} labels out of range; check label_offset and num_classes)")
+    return shifted, offset
+
+
+def write_spoter_csv(path, clips, labels):
+    """Write clips (T, 54, 2) and labels in the SPOTER CSV format, atomically. Cells are list literals of each
+    value's shortest float32 text, which parses back to the identical float32."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow(['labels'] + SPOTER_COLUMNS)
+    for clip, label in zip(clips, labels, strict=True):
+        clip = np.asarray(clip, dtype=np.float32)
+        if clip.ndim != 3 or clip.shape[1:] != (54, 2):
+            raise ValueError(f"write_spoter_csv: clip of shape {clip.shape}, expected (T, 54, 2)")
+        tracks = clip.transpose(1, 2, 0).reshape(108, -1)  # (108, T): _X, _Y per landmark
+        writer.writerow([int(label)] + ['[' + ', '.join(map(str, track)) + ']' for track in tracks])
+    write_atomic(path, text.getvalue().encode('utf-8'))
+
+
+def _file_sha256(path):
+    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pose_cache_problem(h5_path, sha256=None):
+    """Why an HDF5 pose cache cannot be used (None if it can): unreadable, incomplete, stale or inconsistent."""
+    try:
+        with h5py.File(h5_path, 'r') as f:
+            if not f.attrs.get('complete', False):
+                return "it is incomplete (no complete=True attribute)"
+            if sha256 is not None and f.attrs.get('sha256') != sha256:
+                return "it was made from another version of the CSV"
+            frames, offsets, labels = f['frames'], f['offsets'], f['labels']
+            if frames.shape[1:] != (54, 2) or offsets.shape != (labels.shape[0] + 1,):
+                return f"its shapes disagree: frames {frames.shape}, offsets {offsets.shape}, labels {labels.shape}"
+            ends = offsets[()]
+            if ends[0] != 0 or ends[-1] != frames.shape[0] or (np.diff(ends) < 0).any():
+                return "its offsets do not index its frames"
+    except (OSError, KeyError, ValueError, TypeError) as e:  # truncated or foreign file: h5py raises OSError
+        return f"it cannot be read ({type(e).__name__})"
+    return None
+
+
+def pose_cache(csv_path, cache_dir):
+    """Convert a SPOTER CSV once into cache_dir/spoter/<sha256[:16]>.h5 (ragged: all frames concatenated, offsets,
+    raw labels) and return its path. Reused while it validates; a corrupt or partial file is rebuilt."""
+    if not os.path.isfile(csv_path):
+        raise UserError(f"pose CSV {csv_path}: no such file")
+    sha = _file_sha256(csv_path)
+    h5_path = os.path.join(cache_dir, 'spoter', f'{sha[:16]}.h5')  # keyed by content: an edited CSV gets a new cache
+    if os.path.exists(h5_path) and _pose_cache_problem(h5_path, sha) is None:
+        return h5_path
+    clips, labels, skipped = read_spoter_csv(csv_path)  # bad input stops here, before anything is written
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
+    os.makedirs(os.path.dirname(h5_path), exist_ok=True)
+    tmp = f'{h5_path}.tmp{os.getpid()}'  # per-process name: DDP ranks preparing at once never share a file
+    try:
+        with h5py.File(tmp, 'w') as f:
+            f.create_dataset('frames', data=np.concatenate(clips).astype(np.float32))  # (total_frames, 54, 2)
+            f.create_dataset('offsets', data=offsets)  # clip i = frames[offsets[i]:offsets[i+1]]
+            f.create_dataset('labels', data=labels)
+            f.attrs.update(source=os.path.abspath(csv_path), sha256=sha, skipped=skipped)
+            f.attrs['complete'] = True  # last: a file without it was interrupted
+        os.replace(tmp, h5_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return h5_path
+
+
+def load_pose_cache(h5_path):
+    """Read a pose cache fully into memory (WLASL100 is ~2k clips). Returns (frames (N, 54, 2) float32,
+    offsets (n_clips + 1,) int64, labels (n_clips,) int64 raw, skipped)."""
+    problem = _pose_cache_problem(h5_path)
+    if problem:
+        raise UserError(f"pose cache {h5_path} is not usable: {problem}; delete it to rebuild it from the CSV")
+    with h5py.File(h5_path, 'r') as f:
+        return f['frames'][()], f['offsets'][()], f['labels'][()], int(f.attrs['skipped'])
+
+
+# -----------------------------------------------------------------------------
+# pose transforms (train_spoter.py): body/hand normalization and the four augmentations, batched in torch
+# -----------------------------------------------------------------------------
+# SPOTER pose transforms (Bohacek & Hruz, WACV-W 2022): body and hand normalization, and the four training
+# augmentations, batched in torch over a padded batch on any device. The formulas are those of
+# the project's SPOTER spec, sections "Normalization" and "Augmentations".
+#
+# Layout: poses (B, T, 54, 2) raw CSV coordinates in [0, 1], Y up; a point is missing when its x == 0.
+# Landmarks: 12 body joints (SPOTER_BODY), then hand 0 and hand 1, 21 joints each (SPOTER_HAND_JOINTS).
+# pad_mask (B, T) bool is True at padding frames (always at the end of a clip); they come out as zeros and never
+# influence real frames.
+# Decisions where the spec is silent:
+# - a body box of zero width or height (hm = 0, e.g. both shoulders at the same point) leaves that frame's body
+#   joints raw, like a frame without a box; it still counts as the "previous box" for later frames;
+# - a hand whose present joints all coincide (w = h = 0, e.g. a single present joint) stays raw;
+# - the hand box is taken over the joints with x != 0 (y == 0 of such a joint counts as a coordinate);
+# - augmentations restore every missing point exactly as it went in (x == 0 stays 0);
+# - arm joint rotate: a pivot missing in a frame (x == 0) rotates nothing in that frame;
+# - angles are in degrees everywhere in this file; positive = counter-clockwise in the Y-up frame.
+N_BODY, N_HAND = len(SPOTER_BODY), len(SPOTER_HAND_JOINTS)
+N_LANDMARKS = N_BODY + 2 * N_HAND  # 54
+(NOSE, NECK, R_EYE, L_EYE, R_EAR, L_EAR, R_SHOULDER, L_SHOULDER,
+ R_ELBOW, L_ELBOW, R_WRIST, L_WRIST) = range(N_BODY)
+ARM_CHAINS = ((NECK, R_SHOULDER, R_ELBOW, R_WRIST),  # side 0: right arm
+              (NECK, L_SHOULDER, L_ELBOW, L_WRIST))  # side 1: left arm
+assert (R_SHOULDER, L_SHOULDER, R_ELBOW, L_ELBOW, R_WRIST, L_WRIST) == tuple(range(6, 12))  # arm_rotate relies on it
+UNIT_SQUARE = ((0.0, 1.0), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0))  # the perspective's source corners, in this order
+
+# augmentation ranges (the original's defaults)
+ROTATE_DEGREES = 13.0
+PERSPECTIVE_MAX_RATIO = 0.1
+SQUEEZE_MAX_RATIO = 0.15
+ARM_ROTATE_P, ARM_ROTATE_DEGREES = 0.3, 4.0
+AUGMENT_P = 0.5
+
+
+def _check_poses(poses):
+    if poses.dim() != 4 or poses.shape[2:] != (N_LANDMARKS, 2):
+        raise ValueError(f"poses of shape {tuple(poses.shape)}: expected (B, T, {N_LANDMARKS}, 2)")
+
+
+def _zero_padding(poses, pad_mask):
+    """Padding frames -> 0, so that garbage in them never reaches the model's inputs as NaN or inf."""
+    if pad_mask is None:
+        return poses
+    return poses.masked_fill(pad_mask[:, :, None, None].to(poses.device), 0.0)
+
+
+def _safe(denominator, usable):
+    """The denominator where it will be used, 1 elsewhere: no inf/NaN even in the branch torch.where drops."""
+    return torch.where(usable, denominator, torch.ones_like(denominator))
+
+
+# -----------------------------------------------------------------------------
+# normalization: body box per frame (with the previous-box rule), hand box per hand per frame, then -0.5
+# -----------------------------------------------------------------------------
+
+
+def body_boxes(poses, pad_mask=None):
+    """The body box of every frame: (start_x, start_y, end_x, end_y) (B, T, 4) and has_box (B, T) bool.
+    hm = |leftShoulder - rightShoulder|, or |neck - nose| when a shoulder is missing;
+    start = (neck_x - 3hm, leftEye_y + hm), end = (neck_x + 3hm, start_y - 6hm), negatives clamped to 0.
+    A frame with (a shoulder missing) and (neck or nose missing) reuses the most recent earlier frame's box;
+    before any box, has_box is False. Padding frames never provide a box."""
+    x, y = poses[..., 0], poses[..., 1]  # (B, T, 54) each
+    B, T = x.shape[:2]
+    shoulders = (x[..., L_SHOULDER] != 0) & (x[..., R_SHOULDER] != 0)
+    neck_nose = (x[..., NECK] != 0) & (x[..., NOSE] != 0)
+    own_box = shoulders | neck_nose  # the frame can build its own box
+    if pad_mask is not None:
+        own_box = own_box & ~pad_mask.to(own_box.device)
+    shoulder_width = (poses[..., L_SHOULDER, :] - poses[..., R_SHOULDER, :]).norm(dim=-1)
+    neck_nose_length = (poses[..., NECK, :] - poses[..., NOSE, :]).norm(dim=-1)
+    hm = torch.where(shoulders, shoulder_width, neck_nose_length)  # (B, T)
+    start_x, start_y = x[..., NECK] - 3 * hm, y[..., L_EYE] + hm
+    end_x, end_y = x[..., NECK] + 3 * hm, start_y - 6 * hm  # end_y from the unclamped start_y, as the original
+    boxes = torch.stack([start_x, start_y, end_x, end_y], dim=-1).clamp(min=0)  # (B, T, 4)
+    # previous-box rule without a loop over frames: the index of the most recent frame with its own box
+    frame = torch.arange(T, device=x.device).expand(B, T)
+    source = torch.where(own_box, frame, torch.full_like(frame, -1)).cummax(dim=1).values  # (B, T), -1 = none yet
+    boxes = boxes.gather(1, source.clamp(min=0)[..., None].expand(B, T, 4))  # (B, T, 4)
+    return boxes, source >= 0
+
+
+def normalize_body(poses, pad_mask=None):
+    """The 12 body joints (B, T, 12, 2) in their frame's body box, for joints with x != 0:
+    x' = (x - start_x) / (end_x - start_x), y' = (y - end_y) / (start_y - end_y).
+    Frames without a box (or with a zero-size one) keep their raw body joints."""
+    boxes, has_box = body_boxes(poses, pad_mask)
+    start_x, start_y, end_x, end_y = (c[..., None] for c in boxes.unbind(-1))  # (B, T, 1) each
+    width, height = end_x - start_x, start_y - end_y
+    usable = has_box[..., None] & (width != 0) & (height != 0)  # (B, T, 1)
+    body = poses[:, :, :N_BODY]  # (B, T, 12, 2)
+    x, y = body.unbind(-1)  # (B, T, 12) each
+    normalized = torch.stack([(x - start_x) / _safe(width, usable),
+                              (y - end_y) / _safe(height, usable)], dim=-1)  # (B, T, 12, 2)
+    change = (usable & (x != 0))[..., None]  # missing joints stay as they are
+    return torch.where(change, normalized, body)
+
+
+def normalize_hands(poses):
+    """Both hands (B, T, 42, 2), each hand in each frame in its own box over its joints with x != 0:
+    w = max-min of x, h = max-min of y; w > h: dx = 0.1w, dy = dx + (w-h)/2, else dy = 0.1h, dx = dy + (h-w)/2;
+    start = (min_x - dx, min_y - dy), end = (max_x + dx, max_y + dy);
+    x' = (x - start_x) / (end_x - start_x), y' = (y - start_y) / (end_y - start_y).
+    A hand with no present joint, or whose present joints coincide (w = h = 0), stays raw."""
+    B, T = poses.shape[:2]
+    hands = poses[:, :, N_BODY:].reshape(B, T, 2, N_HAND, 2)  # (B, T, hand, joint, xy)
+    x, y = hands.unbind(-1)  # (B, T, 2, 21) each
+    present = x != 0
+    any_present = present.any(dim=-1)  # (B, T, 2)
+
+    def extent(c):  # min and max over the present joints; 0 for an empty hand (it is left raw anyway)
+        lo = torch.where(present, c, torch.full_like(c, math.inf)).amin(dim=-1)
+        hi = torch.where(present, c, torch.full_like(c, -math.inf)).amax(dim=-1)
+        zero = torch.zeros_like(lo)
+        return torch.where(any_present, lo, zero), torch.where(any_present, hi, zero)  # (B, T, 2) each
+
+    (min_x, max_x), (min_y, max_y) = extent(x), extent(y)
+    w, h = max_x - min_x, max_y - min_y
+    wide = w > h  # pad the shorter side so that the box is square
+    dx = torch.where(wide, 0.1 * w, 0.1 * h + (h - w) / 2)
+    dy = torch.where(wide, 0.1 * w + (w - h) / 2, 0.1 * h)
+    start_x, start_y, end_x, end_y = min_x - dx, min_y - dy, max_x + dx, max_y + dy
+    width, height = end_x - start_x, end_y - start_y
+    usable = any_present & (width != 0) & (height != 0)  # (B, T, 2)
+    normalized = torch.stack([(x - start_x[..., None]) / _safe(width, usable)[..., None],
+                              (y - start_y[..., None]) / _safe(height, usable)[..., None]], dim=-1)  # (B,T,2,21,2)
+    change = (usable[..., None] & present)[..., None]  # (B, T, 2, 21, 1)
+    return torch.where(change, normalized, hands).reshape(B, T, 2 * N_HAND, 2)  # (B, T, 42, 2)
+
+
+def normalize_poses(poses, pad_mask=None):
+    """SPOTER's input normalization: body normalization, hand normalization, then every coordinate -= 0.5
+    (missing points become -0.5). poses (B, T, 54, 2) raw (or one clip (T, 54, 2)) -> the same shape;
+    padding frames (pad_mask True) come out as zeros."""
+    if poses.dim() == 3:  # one clip, e.g. at inference
+        return normalize_poses(poses[None], None if pad_mask is None else pad_mask[None])[0]
+    _check_poses(poses)
+    normalized = torch.cat([normalize_body(poses, pad_mask), normalize_hands(poses)], dim=2) - 0.5  # (B, T, 54, 2)
+    return _zero_padding(normalized, pad_mask)
+
+
+# -----------------------------------------------------------------------------
+# augmentations: each takes per-clip parameters (B, ...) and keeps missing points exactly as they were.
+# Rotate, perspective and squeeze are all planar homographies: one 3x3 matrix per clip (built on the CPU in
+# float64 from the parameters) for the body and one for the hands, applied elementwise to the whole batch. The
+# identity matrix leaves a point bit-exact (x*1 + y*0 + 0), so unaugmented clips come out unchanged.
+# -----------------------------------------------------------------------------
+
+
+def _cpu64(values):
+    """A per-clip parameter as a CPU float64 tensor: the 3x3 matrices are tiny, exact enough in float64, and any
+    device works afterwards (float64 or not)."""
+    return torch.as_tensor(values).detach().to('cpu', torch.float64)
+
+
+def _identity(batch_size):
+    return torch.eye(3, dtype=torch.float64).expand(batch_size, 3, 3)
+
+
+def rotation_homography(theta, center=(0.5, 0.5)):
+    """(B, 3, 3) rotation by theta (B,) degrees about center: p' = c + R (p - c), R = [[cos, -sin], [sin, cos]],
+    i.e. [[cos, -sin, cx - cos cx + sin cy], [sin, cos, cy - sin cx - cos cy], [0, 0, 1]]."""
+    radians = _cpu64(theta) * (math.pi / 180)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    cx, cy = center
+    zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+    rows = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, zero, zero, one]
+    return torch.stack(rows, dim=-1).view(-1, 3, 3)  # (B, 3, 3)
+
+
+def squeeze_homography(ml, mr):
+    """(B, 3, 3) horizontal squeeze x' = ml + x (1 - ml - mr), y' = y."""
+    ml, mr = _cpu64(ml), _cpu64(mr)
+    H = _identity(len(ml)).clone()
+    H[:, 0, 0], H[:, 0, 2] = 1 - ml - mr, ml
+    return H
+
+
+def perspective_corners(r, flip):
+    """Destination corners (B, 4, 2) of UNIT_SQUARE (0,1),(1,1),(0,0),(1,0) for ratios r (B,):
+    flip True -> (r,1-r),(1,1),(r,r),(1,0) (left edge shrinks); False -> (0,1),(1-r,1-r),(0,0),(1-r,r)."""
+    r = torch.as_tensor(r)
+    one, zero = torch.ones_like(r), torch.zeros_like(r)
+    left = torch.stack([r, 1 - r, one, one, r, r, one, zero], dim=-1)  # (B, 8): x0 y0 x1 y1 ...
+    right = torch.stack([zero, one, 1 - r, 1 - r, zero, zero, 1 - r, r], dim=-1)
+    flip = torch.as_tensor(flip, device=r.device).bool()[:, None]  # (B, 1)
+    return torch.where(flip, left, right).view(-1, 4, 2)  # (B, 4, 2)
+
+
+def homography(src, dst):
+    """The 3x3 homography H (B, 3, 3), H[2, 2] = 1, mapping the 4 points src (B, 4, 2) to dst (B, 4, 2): each pair
+    (x, y) -> (u, v) gives u = (h0 x + h1 y + h2) / (h6 x + h7 y + 1), v = (h3 x + h4 y + h5) / (h6 x + h7 y + 1),
+    i.e. two rows of an 8x8 linear system [x y 1 0 0 0 -ux -uy] h = u, [0 0 0 x y 1 -vx -vy] h = v."""
+    x, y = src.unbind(-1)  # (B, 4) each
+    u, v = dst.unbind(-1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], dim=-1)  # (B, 4, 8)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], dim=-1)  # (B, 4, 8)
+    system = torch.cat([rows_u, rows_v], dim=1)  # (B, 8, 8)
+    h = torch.linalg.solve(system, torch.cat([u, v], dim=1))  # (B, 8)
+    return torch.cat([h, one[:, :1]], dim=1).view(-1, 3, 3)  # (B, 3, 3)
+
+
+def perspective_homography(r, flip):
+    """(B, 3, 3) homography taking UNIT_SQUARE to perspective_corners(r, flip)."""
+    dst = perspective_corners(_cpu64(r), torch.as_tensor(flip).cpu())
+    src = torch.tensor(UNIT_SQUARE, dtype=torch.float64).expand_as(dst)
+    return homography(src, dst)
+
+
+def apply_homography(points, H):
+    """points (B, ..., 2) mapped by per-clip H (B, 3, 3): (u, v, w) = H [x, y, 1], result (u / w, v / w).
+    Elementwise, not a matmul: a k=2 batched matmul is ~10x slower on CPU, and this keeps H = I bit-exact."""
+    h = H.to(points.device, points.dtype).reshape(H.size(0), 9, *(1,) * (points.dim() - 2))  # (B, 9, 1, ..., 1)
+    x, y = points[..., 0], points[..., 1]  # (B, ...) each
+    w = h[:, 6] * x + h[:, 7] * y + h[:, 8]
+    return torch.stack([(h[:, 0] * x + h[:, 1] * y + h[:, 2]) / w,
+                        (h[:, 3] * x + h[:, 4] * y + h[:, 5]) / w], dim=-1)
+
+
+def transform_joints(poses, body_H, hand_H):
+    """Body joints through body_H, hand joints through hand_H (per clip, (B, 3, 3)); missing points kept."""
+    moved = torch.cat([apply_homography(poses[:, :, :N_BODY], body_H),
+                       apply_homography(poses[:, :, N_BODY:], hand_H)], dim=2)  # (B, T, 54, 2)
+    return torch.where(poses[..., :1] == 0, poses, moved)  # missing points (x == 0) go back to their input
+
+
+def rotate(poses, theta):
+    """Augmentation 0: every joint (body and hands) rotated about (0.5, 0.5) by theta (B,) degrees per clip."""
+    H = rotation_homography(theta)
+    return transform_joints(poses, H, H)
+
+
+def perspective(poses, r, flip):
+    """Augmentation 1: the 12 body joints through the homography taking UNIT_SQUARE to perspective_corners(r, flip)
+    (r (B,) in [0, 0.1], flip (B,) bool); hands unchanged."""
+    return transform_joints(poses, perspective_homography(r, flip), _identity(poses.size(0)))
+
+
+def squeeze(poses, ml, mr):
+    """Augmentation 2: body joints squeezed horizontally, x' = ml + x (1 - ml - mr), ml, mr (B,) in [0, 0.15];
+    y and hands unchanged."""
+    return transform_joints(poses, squeeze_homography(ml, mr), _identity(poses.size(0)))
+
+
+def rotate_about(points, pivot, cos, sin):
+    """Rotate points (..., 2) about pivot (broadcastable) by the angle whose cos and sin are given (broadcastable
+    to points[..., 0]): p' = pivot + R (p - pivot), R = [[cos, -sin], [sin, cos]]."""
+    dx, dy = (points - pivot).unbind(-1)
+    px, py = pivot.unbind(-1)
+    return torch.stack([px + cos * dx - sin * dy, py + sin * dx + cos * dy], dim=-1)
+
+
+def arm_rotate(poses, angles):
+    """Augmentation 3: for each side s (0 right, 1 left) walk the chain [neck, shoulder, elbow, wrist]; at pivot k
+    (0 neck, 1 shoulder, 2 elbow) rotate the later joints of the chain about the pivot's current position by
+    angles[b, s, k] degrees (B, 2, 3; 0 = no rotation), pivot after pivot. Same angles in every frame of a clip.
+    A pivot missing in a frame rotates nothing there; missing joints stay as they are."""
+    B, T = poses.shape[:2]
+    chains = torch.tensor(ARM_CHAINS, device=poses.device)  # (2, 4)
+    arms = poses[:, :, chains]  # (B, T, side, 4, 2): a small copy, the loop works on it
+    missing = arms[..., 0] == 0  # (B, T, 2, 4): from the input, so a point rotated onto x = 0 is not confused
+    radians = torch.as_tensor(angles).to(poses.device, poses.dtype) * (math.pi / 180)  # (B, 2, 3)
+    cos, sin = torch.cos(radians)[:, None, :, None], torch.sin(radians)[:, None, :, None]  # (B, 1, 2, 1, 3)
+    for k in range(3):
+        pivot, later = arms[:, :, :, k:k + 1], arms[:, :, :, k + 1:]  # (B, T, 2, 1, 2), (B, T, 2, 3 - k, 2)
+        rotated = rotate_about(later, pivot, cos[..., k], sin[..., k])
+        # unchanged: missing joints, joints whose pivot is missing, and pivots with angle 0 (exactly, not to 1 ulp)
+        keep = missing[:, :, :, k + 1:] | missing[:, :, :, k:k + 1] | (radians[:, None, :, None, k] == 0)
+        arms = torch.cat([arms[:, :, :, :k + 1], torch.where(keep[..., None], later, rotated)], dim=3)
+    # (side, link) -> (link, side) is the body order rightShoulder, leftShoulder, rightElbow, ..., leftWrist = 6..11
+    links = arms[:, :, :, 1:].transpose(2, 3).reshape(B, T, 6, 2)  # (B, T, 6, 2)
+    return torch.cat([poses[:, :, :R_SHOULDER], links, poses[:, :, L_WRIST + 1:]], dim=2)
+
+
+# -----------------------------------------------------------------------------
+# random choice: with p 0.5 one of the four, uniformly, per clip; every random number from one CPU generator
+# -----------------------------------------------------------------------------
+
+AUGMENTATIONS = ('rotate', 'perspective', 'squeeze', 'arm_rotate')  # kind k = AUGMENTATIONS[k]; -1 = none
+
+
+def sample_augmentation_params(batch_size, generator=None):
+    """Per-clip random parameters, drawn on the CPU from `generator` in a fixed order (every parameter for every
+    clip, whatever kind it gets, so a run is reproducible): kind (B,) int64 in -1..3 (-1 with p 1 - AUGMENT_P),
+    theta (B,) ~ U(-13, 13) deg, r (B,) ~ U(0, 0.1), flip (B,) bool p 0.5, ml, mr (B,) ~ U(0, 0.15),
+    arm_angles (B, 2, 3): U(-4, 4) deg with p 0.3 per pivot, else 0."""
+    B = batch_size
+
+    def uniform(low, high, *shape):
+        return low + (high - low) * torch.rand((B, *shape), generator=generator)
+
+    apply = uniform(0, 1) < AUGMENT_P
+    kind = torch.randint(0, len(AUGMENTATIONS), (B,), generator=generator)
+    params = {'kind': torch.where(apply, kind, torch.full_like(kind, -1)),
+              'theta': uniform(-ROTATE_DEGREES, ROTATE_DEGREES),
+              'r': uniform(0, PERSPECTIVE_MAX_RATIO),
+              'flip': uniform(0, 1) < 0.5,
+              'ml': uniform(0, SQUEEZE_MAX_RATIO),
+              'mr': uniform(0, SQUEEZE_MAX_RATIO)}
+    fires = uniform(0, 1, 2, 3) < ARM_ROTATE_P  # (B, 2, 3): which pivots rotate
+    arm = uniform(-ARM_ROTATE_DEGREES, ARM_ROTATE_DEGREES, 2, 3)
+    params['arm_angles'] = torch.where(fires, arm, torch.zeros_like(arm))
+    return params
+
+
+def apply_augmentations(poses, params):
+    """Each clip b gets augmentation params['kind'][b] (or none when -1), with its own parameters: the per-clip
+    body and hand matrices are the chosen kind's (identity otherwise), arm angles are zero unless kind 3."""
+    _check_poses(poses)
+    kind = params['kind'].cpu()[:, None, None]  # (B, 1, 1)
+    identity = _identity(len(kind))
+    rotation = rotation_homography(params['theta'])
+    body_H = torch.where(kind == 0, rotation,
+                         torch.where(kind == 1, perspective_homography(params['r'], params['flip']),
+                                     torch.where(kind == 2, squeeze_homography(params['ml'], params['mr']),
+                                                 identity)))  # (B, 3, 3)
+    hand_H = torch.where(kind == 0, rotation, identity)
+    angles = torch.where(kind == 3, params['arm_angles'].cpu(), 0.0)  # (B, 2, 3)
+    return arm_rotate(transform_joints(poses, body_H, hand_H), angles)
+
+
+def augment_poses(poses, pad_mask=None, generator=None):
+    """SPOTER's training augmentation on raw [0, 1] poses (B, T, 54, 2): per clip, with p 0.5 exactly one of
+    rotate / perspective / squeeze / arm_rotate (uniformly chosen), parameters from sample_augmentation_params.
+    Missing points stay exactly as they were; padding frames (pad_mask True) come out as zeros."""
+    _check_poses(poses)
+    params = sample_augmentation_params(poses.size(0), generator)
+    return _zero_padding(apply_augmentations(poses, params), pad_mask)
+
+
+# -----------------------------------------------------------------------------
+# procedural signs: what each class looks like is fixed by the class index alone (so train, val and test agree);
+# the seed only varies the performances. The ground truth: class = wrist trajectories + hand shapes.
+# -----------------------------------------------------------------------------
+SIGN_WORLD_SEED = 379  # changes every class's look; bump SIGN_GENERATOR_VERSION with any change below
+SIGN_GENERATOR_VERSION = 1
+# how far one performance strays from its class (std): wrist placement, path coefficients, finger curl, hand angle
+STRAY = dict(place=0.035, path=0.025, curl=0.15, angle=0.2)
+_SIGN_BODY = np.array([[0.50, 0.80], [0.50, 0.68], [0.47, 0.83], [0.53, 0.83], [0.44, 0.81], [0.56, 0.81],
+                       [0.35, 0.65], [0.65, 0.65]])  # nose .. leftShoulder, Y up; elbows and wrists follow the hands
+# hand template: per joint (angle from the forearm direction toward the thumb, radius at rest, radius gained per
+# unit of straightening, finger index for its curl); fingers are listed Tip, DIP, PIP, MCP as in the CSV
+_FINGER_ANGLES = {'index': 0.28, 'middle': 0.08, 'ring': -0.12, 'little': -0.33}
+_HAND_TEMPLATE = np.array(
+    [[0.0, 0.0, 0.0, 0]] +
+    [[a, 0.034, 0.012 * k, f] for f, a in enumerate(_FINGER_ANGLES.values()) for k in (3, 2, 1, 0)] +
+    [[0.95, 0.012, 0.011 * k, 4] for k in (3, 2, 1, 0)])  # thumbTip, IP, MP, CMC
+
+
+def _sign_class(c):
+    """The ground truth of class c: wrist path (centre + half-period Fourier terms), finger curls at the start and
+    end of the sign, hand orientation; drawn from an RNG seeded by the class index only."""
+    rng = np.random.default_rng((SIGN_WORLD_SEED, c))
+    centre = np.array([[0.60, 0.45], [0.40, 0.45]]) + rng.uniform([-0.08, -0.12], [0.08, 0.15], size=(2, 2))
+    fourier = rng.normal(0, 1, size=(2, 3, 2, 2)) * (0.07 / np.arange(1, 4))[None, :, None, None]
+    if rng.random() < 0.4:  # a one-handed sign: hand 0 (the signer's left) rests low, nearly still
+        centre[0], fourier[0] = [0.66, 0.22], fourier[0] * 0.1
+    return dict(centre=centre, fourier=fourier,  # (hand, xy), (hand, k, cos/sin, xy)
+                curl=rng.uniform(0, 1, size=(2, 2, 5)),  # (hand, start/end, finger)
+                angle=rng.uniform(-0.8, 0.8, size=2), swing=rng.uniform(0, 0.6, size=2))
+
+
+def _time_warp(rng, n_frames):
+    """Non-uniform speed: positive random speeds at 5 knots, integrated, over a random sub-span of the sign."""
+    speed = np.interp(np.linspace(0, 1, n_frames), np.linspace(0, 1, 5), rng.lognormal(0, 0.35, size=5))
+    tau = np.cumsum(speed) - speed[0]
+    tau = tau / tau[-1] if tau[-1] > 0 else tau
+    start, end = rng.uniform(0, 0.1), rng.uniform(0.9, 1.0)
+    return start + (end - start) * tau  # (T,) in [0, 1], increasing
+
+
+def _hand_joints(wrist, curl, angle, thumb_side, scale):
+    """21 joints around each frame's wrist: (T, 2), curl (T, 5) in [0, 1], angle (T,) -> (T, 21, 2)."""
+    theta, rest, gain, finger = _HAND_TEMPLATE.T
+    straight = 1 - 0.7 * curl[:, finger.astype(int)]  # (T, 21): a curled finger's joints sit nearer the palm
+    radius = scale * (rest + gain * straight)
+    local = radius[..., None] * np.stack([thumb_side * np.sin(theta), np.cos(theta)], -1)  # fingers point up
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    rotated = np.stack([cos * local[..., 0] - sin * local[..., 1], sin * local[..., 0] + cos * local[..., 1]], -1)
+    return wrist[:, None] + rotated
+
+
+def _sign_clip(truth, rng, n_frames):
+    """One performance of a class: time warp, body proportions, hands, shift/scale, jitter, missing data."""
+    t = _time_warp(rng, n_frames)[:, None]  # (T, 1)
+    k = np.arange(1, 4)[None, :]  # half periods: the path goes somewhere instead of closing a loop
+    basis = np.stack([np.cos(np.pi * k * t), np.sin(np.pi * k * t)], -1)  # (T, 3, 2)
+    # each performance strays from the class's path: signers place and draw a sign a little differently
+    centre = truth['centre'] + rng.normal(0, STRAY['place'], size=(2, 2))
+    fourier = truth['fourier'] + rng.normal(0, STRAY['path'], size=(2, 3, 2, 2)) / np.arange(1, 4)[None, :, None, None]
+    wrists = centre[None] + np.einsum('tkc,hkcx->thx', basis, fourier)  # (T, hand, xy)
+    body = np.repeat((_SIGN_BODY + rng.normal(0, 0.008, size=(8, 2)))[None], n_frames, 0)  # each signer differs
+    shoulders = body[:, [7, 6]]  # hand 0 hangs from leftShoulder, hand 1 from rightShoulder
+    elbows = 0.5 * (shoulders + wrists) + np.array([[0.07, -0.06], [-0.07, -0.06]])  # bent outward and down
+    hands = []
+    for h, thumb_side in ((0, -1.0), (1, 1.0)):  # thumbs point toward the body's midline
+        curls = np.clip(truth['curl'][h] + rng.normal(0, STRAY['curl'], size=(2, 5)), 0, 1)
+        curl = curls[0] + (curls[1] - curls[0]) * t  # (T, 5): the handshape changes during the sign
+        angle = truth['angle'][h] + rng.normal(0, STRAY['angle']) + truth['swing'][h] * np.sin(np.pi * t[:, 0])
+        hands.append(_hand_joints(wrists[:, h], curl, angle, thumb_side, rng.uniform(0.85, 1.15)))
+    # tensor order: 8 head/shoulder points, rightElbow, leftElbow, rightWrist, leftWrist, hand 0, hand 1
+    clip = np.concatenate([body, elbows[:, ::-1], wrists[:, ::-1], hands[0], hands[1]], 1)  # (T, 54, 2)
+    clip = 0.5 + rng.uniform(0.9, 1.1) * (clip - 0.5) + rng.uniform(-0.04, 0.04, size=2)  # camera distance, framing
+    clip = np.clip(clip + rng.normal(0, 0.003, size=clip.shape), 0.001, 0.999)  # detector jitter; 0 stays "missing"
+    for first in (12, 33):  # a hand the detector loses for a few frames
+        if rng.random() < 0.3:
+            start = rng.integers(0, n_frames)
+            clip[start:start + rng.integers(2, 9), first:first + 21] = 0
+    if rng.random() < 0.05:  # rarely a shoulder (occluded by the other arm)
+        start = rng.integers(0, n_frames)
+        clip[start:start + rng.integers(1, 4), rng.choice([6, 7])] = 0
+    return clip.astype(np.float32)
+
+
+def make_sign_clips(num_classes, clips_per_class, seed, min_frames=20, max_frames=60):
+    """Procedural signs with known ground truth, in the raw SPOTER convention ((T, 54, 2), [0, 1], Y up, 0 =
+    missing). Returns (clips, labels 0-based int64), class by class; deterministic in seed."""
+    if not 2 <= min_frames <= max_frames:
+        raise UserError(f"make_sign_clips: need 2 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+    rng = np.random.default_rng(seed)
+    clips, labels = [], []
+    for c in range(num_classes):
+        truth = _sign_class(c)
+        for _ in range(clips_per_class):
+            clips.append(_sign_clip(truth, rng, int(rng.integers(min_frames, max_frames + 1))))
+            labels.append(c)
+    return clips, np.array(labels, dtype=np.int64)
+
+
+def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0):
+    """Write procedural train/val/test SPOTER CSVs (0-based labels) into folder, split i with seed 3*seed + i
+    (disjoint for every seed). Skipped when meta.json records the same recipe and the files' current hashes."""
+    recipe = dict(version=SIGN_GENERATOR_VERSION, world_seed=SIGN_WORLD_SEED, num_classes=num_classes,
+                  clips_per_class=list(clips_per_class), seed=seed)
+    paths = {split: os.path.join(folder, f'{split}.csv') for split in ('train', 'val', 'test')}
+    meta_path = os.path.join(folder, 'meta.json')
+    try:  # reuse only if every file is still the one recorded (an edited or half-written file is rewritten)
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta['recipe'] == recipe and all(_file_sha256(p) == meta['sha256'][s] for s, p in paths.items()):
+            return tuple(paths.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    os.makedirs(folder, exist_ok=True)
+    hashes = {}
+    for i, (split, path) in enumerate(paths.items()):
+        write_spoter_csv(path, *make_sign_clips(num_classes, clips_per_class[i], seed=3 * seed + i))
+        hashes[split] = _file_sha256(path)
+    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=hashes), indent=2).encode())  # last: marks done
+    return tuple(paths.values())
