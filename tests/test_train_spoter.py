@@ -106,3 +106,43 @@ def test_val_classes_unseen_in_training_are_an_error(tmp_path, csvs):
         writer.writerows(r for r in rows if int(r['labels']) < 3)
     proc = spoter(tmp_path, f'--train_csv={small}', f'--val_csv={val_csv}', check=False)
     assert proc.returncode == 2 and 'never occur in' in proc.stderr and '[3]' in proc.stderr
+
+
+def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path, csvs):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT, SCRIPT_ENV
+    args = [sys.executable, str(ROOT / 'train_spoter.py'), '--device=cpu', '--batch_size=4', *csvs,
+            '--max_epochs=1000', '--out_dir=out/s']
+    proc = subprocess.Popen(args, cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log, deadline = tmp_path / 'out' / 's' / 'log.txt', time.time() + 120
+    while not (log.exists() and 'epoch 1 |' in log.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # land somewhere inside epoch 2 (8 steps of ~0.1 s)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and 'signal received' in stdout, stderr
+    saved = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
+    total = saved['epoch'] + 2
+    spoter(tmp_path, '--batch_size=4', *csvs, f'--max_epochs={total}', '--out_dir=out/s', '--init_from=auto')
+    spoter(tmp_path, '--batch_size=4', *csvs, f'--max_epochs={total}', '--out_dir=out/u')
+    resumed, straight = weights(tmp_path / 'out' / 's' / 'last.pt'), weights(tmp_path / 'out' / 'u' / 'last.pt')
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+
+
+def test_torchrun_two_processes(tmp_path, csvs):
+    import subprocess
+    import sys
+    from conftest import ROOT, SCRIPT_ENV
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(ROOT / 'train_spoter.py'), '--device=cpu', '--batch_size=4', *csvs, '--max_epochs=2', '--out_dir=out/d']
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / 'out' / 'd'
+    ckpt = torch.load(run_dir / 'last.pt', weights_only=True)
+    assert ckpt['epoch'] == 2 and len(ckpt['rng_state']) == 2
+    assert json.loads((run_dir / 'config.json').read_text())['world_size'] == 2
+    assert events(run_dir)[-1]['event'] == 'end' and 'test/acc' in events(run_dir)[-1]
