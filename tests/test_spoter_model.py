@@ -51,8 +51,7 @@ def test_encoder_layer_equals_torch_reference_layer():
     torch.manual_seed(2)
     ours = SPOTEREncoderLayer(108, 9, 2048, 0.1).eval()
     reference = nn.TransformerEncoderLayer(108, 9, 2048, 0.1, batch_first=True).eval()
-    renamed = {k.replace('ff.0.', 'linear1.').replace('ff.3.', 'linear2.'): v for k, v in ours.state_dict().items()}
-    reference.load_state_dict(renamed)
+    reference.load_state_dict(ours.state_dict())  # same parameter names as torch's layer
     x, pad_mask = torch.randn(3, 25, 108), torch.zeros(3, 25, dtype=torch.bool)
     pad_mask[1, 20:] = True
     with torch.no_grad():
