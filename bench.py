@@ -142,7 +142,7 @@ def bench_slm():
 # -----------------------------------------------------------------------------
 
 def bench_spoter(n_clips=256, batch_size=32):
-    from data import augment_poses, make_sign_clips, normalize_poses
+    from data import WindowSampler, augment_poses, make_sign_clips, normalize_poses
     from model import SPOTER
     clips, labels = make_sign_clips(16, n_clips // 16, seed=0)  # 20-60 frames, like the reference measurement
     labels = torch.as_tensor(labels)
@@ -155,15 +155,13 @@ def bench_spoter(n_clips=256, batch_size=32):
             poses[row, :len(clips[i])], pad_mask[row, :len(clips[i])] = torch.from_numpy(clips[i]), False
         return poses.to(device), pad_mask.to(device), labels[list(indices)].to(device)
 
-    def trainer(size, optimizer):
+    def trainer(size, optimizer, bucketed=False):
         model = SPOTER(16).to(device)
         opt = optimizer(model.parameters())
-        cursor = [0]
+        sampler = WindowSampler(n_clips, size, 0, lengths=[len(c) for c in clips] if bucketed else None)
 
         def data_work():
-            indices = [(cursor[0] + k) % n_clips for k in range(size)]
-            cursor[0] += size
-            poses, pad_mask, y = batch_of(indices)
+            poses, pad_mask, y = batch_of(sampler.next())
             return normalize_poses(augment_poses(poses, pad_mask, generator), pad_mask), pad_mask, y
 
         def step():
@@ -172,16 +170,19 @@ def bench_spoter(n_clips=256, batch_size=32):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step, data_work
+    adamw = lambda p: torch.optim.AdamW(p, lr=3e-4)  # noqa: E731
     one, _ = trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3))
-    batched, data_only = trainer(batch_size, lambda p: torch.optim.AdamW(p, lr=3e-4))
-    times = interleaved({'batch 1': one, f'batch {batch_size}': batched, 'data work only': data_only},
+    padded, data_only = trainer(batch_size, adamw)
+    bucketed, _ = trainer(batch_size, adamw, bucketed=True)
+    times = interleaved({'batch 1': one, 'padded': padded, 'bucketed': bucketed, 'data work only': data_only},
                         steps_per_round)
     print(f"\n## spoter: 16 classes, clips of 20-60 frames, device {device}, {torch.get_num_threads()} threads")
     print(f"batch 1 (SGD, the original's recipe): {1 / times['batch 1']:.1f} clips/s")
-    print(f"batch {batch_size} (AdamW): {batch_size / times[f'batch {batch_size}']:.1f} clips/s = "
-          f"{times['batch 1'] * batch_size / times[f'batch {batch_size}']:.1f}x batch 1")
+    for name in ('padded', 'bucketed'):
+        print(f"batch {batch_size} (AdamW), {name} batches: {batch_size / times[name]:.1f} clips/s = "
+              f"{times['batch 1'] * batch_size / times[name]:.1f}x batch 1")
     print(f"data work (augment + normalize) at batch {batch_size}: "
-          f"{100 * times['data work only'] / times[f'batch {batch_size}']:.1f}% of a training step")
+          f"{100 * times['data work only'] / times['padded']:.1f}% of a padded training step")
 
 
 for section in sections:

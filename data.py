@@ -142,18 +142,26 @@ class WindowSampler:
     """Shuffled batches of window indices, epoch after epoch; each rank takes its own shard of every epoch's
     permutation. The state is (epoch, cursor): saved in checkpoints so a resumed run replays nothing."""
 
-    def __init__(self, n_windows, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, n_windows, batch_size, seed, rank=0, world_size=1, lengths=None):
         if n_windows // world_size < batch_size:
             raise UserError(f"{n_windows} training windows/clips cannot fill one batch of {batch_size} per rank "
                             f"on {world_size} rank(s): use more data or a smaller batch_size (or block_size)")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n_windows, batch_size, seed, rank, world_size
+        self.lengths = None if lengths is None else np.asarray(lengths)  # given: batch items of similar length
         self.epoch, self.cursor = 0, 0
         self._order = None
 
     def _epoch_order(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)  # same permutation on every rank
-        per_rank = self.n // self.world_size  # equal shards, so every rank starts each epoch at the same step
-        return torch.randperm(self.n, generator=g).numpy()[:per_rank * self.world_size][self.rank::self.world_size]
+        order = torch.randperm(self.n, generator=g).numpy()
+        if self.lengths is not None:  # sort pools of 16 global batches by length, cut them, shuffle the batches
+            step = self.batch_size * self.world_size
+            pools = [p[np.argsort(self.lengths[p], kind='stable')] for p in np.split(order, range(16 * step, self.n,
+                                                                                                  16 * step))]
+            batches = np.concatenate(pools)[:self.n // step * step].reshape(-1, step)  # (global batches, step)
+            order = batches[torch.randperm(len(batches), generator=g).numpy()].reshape(-1)
+        per_rank = len(order) // self.world_size  # equal shards, so every rank starts each epoch at the same step
+        return order[:per_rank * self.world_size][self.rank::self.world_size]
 
     def next(self):
         if self._order is None:

@@ -51,6 +51,7 @@ max_frames = 256  # longest clip the 'learned' positions cover
 max_epochs = 350  # training epochs
 checkpoint_epochs = [10, 50, 100, 200, 350]  # epoch_{N}.pt is kept at these epochs (those <= max_epochs)
 batch_size = 32  # clips per batch per process, padded to the longest clip
+bucket_by_length = True  # batch clips of similar length: less padding, ~1.4x faster on CPU (bench.py spoter)
 optimizer = 'adamw'  # 'adamw' | 'sgd' (the original: SGD, no momentum)
 learning_rate = 3e-4  # constant learning rate
 weight_decay = 0.0  # decoupled weight decay (AdamW) or L2 (SGD)
@@ -137,7 +138,8 @@ else:
     opt = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
 augment_generator = torch.Generator().manual_seed(seed + rank)  # its state is checkpointed: resume is exact
 n_train = len(splits['train'][0]) if 'train' in splits else 0
-sampler = WindowSampler(n_train, batch_size, seed, rank, world_size) if n_train else None
+lengths = [len(c) for c in splits['train'][0]] if n_train and bucket_by_length else None
+sampler = WindowSampler(n_train, batch_size, seed, rank, world_size, lengths) if n_train else None
 epoch, step_in_epoch, best_val_acc, history = 0, 0, -1.0, {}
 if ckpt and not eval_only:
     opt.load_state_dict(ckpt['optimizer_state_dict'])

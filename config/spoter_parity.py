@@ -8,5 +8,6 @@ learning_rate = 1e-3
 momentum = 0.0
 weight_decay = 0.0
 batch_size = 1
+bucket_by_length = False
 max_epochs = 100
 seed = 379
