@@ -142,17 +142,14 @@ def bench_slm():
 # -----------------------------------------------------------------------------
 
 def bench_spoter(n_clips=256, batch_size=32):
-    from data import WindowSampler, augment_poses, make_sign_clips, normalize_poses
+    from data import WindowSampler, augment_poses, make_sign_clips, normalize_poses, pad_clips
     from model import SPOTER
     clips, labels = make_sign_clips(16, n_clips // 16, seed=0)  # 20-60 frames, like the reference measurement
     labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(0)
 
     def batch_of(indices):
-        longest = max(len(clips[i]) for i in indices)
-        poses, pad_mask = torch.zeros(len(indices), longest, 54, 2), torch.ones(len(indices), longest, dtype=torch.bool)
-        for row, i in enumerate(indices):
-            poses[row, :len(clips[i])], pad_mask[row, :len(clips[i])] = torch.from_numpy(clips[i]), False
+        poses, pad_mask = pad_clips(clips, indices)
         return poses.to(device), pad_mask.to(device), labels[list(indices)].to(device)
 
     def trainer(size, optimizer, bucketed=False):

@@ -408,6 +408,17 @@ def load_pose_cache(h5_path):
         return f['frames'][()], f['offsets'][()], f['labels'][()], int(f.attrs['skipped'])
 
 
+def pad_clips(clips, indices):
+    """Pad the chosen (T, 54, 2) clips to the longest: poses (B, T, 54, 2) and pad_mask (B, T), True at padding."""
+    longest = max(len(clips[i]) for i in indices)
+    poses = torch.zeros(len(indices), longest, 54, 2)
+    pad_mask = torch.ones(len(indices), longest, dtype=torch.bool)
+    for row, i in enumerate(indices):
+        poses[row, :len(clips[i])] = torch.from_numpy(clips[i])
+        pad_mask[row, :len(clips[i])] = False
+    return poses, pad_mask
+
+
 # -----------------------------------------------------------------------------
 # pose transforms (train_spoter.py): body/hand normalization and the four augmentations, batched in torch
 # -----------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, init_distributed,
                     load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint, seed_everything,
                     set_rng_state, write_atomic)
-from data import (WindowSampler, augment_poses, load_pose_cache, normalize_poses, pose_cache, resolve_label_offset,
-                  write_sign_csvs)
+from data import (WindowSampler, augment_poses, load_pose_cache, normalize_poses, pad_clips, pose_cache,
+                  resolve_label_offset, write_sign_csvs)
 from model import SPOTER
 
 # -----------------------------------------------------------------------------
@@ -169,13 +169,8 @@ for name, (clips, labels, offset, skipped) in splits.items():
 
 
 def collate(clips, indices):
-    """Pad the chosen clips to the longest: poses (B, T, 54, 2) and pad_mask (B, T), True at padding."""
-    longest = max(len(clips[i]) for i in indices)
-    poses = torch.zeros(len(indices), longest, 54, 2)
-    pad_mask = torch.ones(len(indices), longest, dtype=torch.bool)
-    for row, i in enumerate(indices):
-        poses[row, :len(clips[i])] = torch.from_numpy(clips[i])
-        pad_mask[row, :len(clips[i])] = False
+    """data.pad_clips, moved to the training device."""
+    poses, pad_mask = pad_clips(clips, indices)
     return poses.to(device, non_blocking=True), pad_mask.to(device, non_blocking=True)
 
 
