@@ -4,14 +4,18 @@ Prepared data goes to cache/, keyed by a hash of what produced it, written atomi
 """
 import ast
 import csv
+import functools
 import glob
 import hashlib
 import io
 import json
 import math
 import os
+import struct
 import sys
 import sysconfig
+import wave
+import zipfile
 
 import h5py
 import numpy as np
@@ -872,3 +876,453 @@ def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0
         hashes[split] = _file_sha256(path)
     write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=hashes), indent=2).encode())  # last: marks done
     return tuple(paths.values())
+
+
+# -----------------------------------------------------------------------------
+# audio: WAV files + CSV manifests or waveform arrays -> log-mel spectrograms (librosa's definition) -> an HDF5
+# feature cache per split, read lazily by DataLoader workers
+# -----------------------------------------------------------------------------
+
+DREAMCATCHER_LABELS = ('quiet', 'non_wearer', 'bruxism', 'swallow', 'somniloquy', 'breathe', 'cough', 'snore',
+                       'movements')  # the 9 DreamCatcher event ids, in id order
+AUDIO_PATH_COLUMNS = ('path', 'file', 'filename', 'audio_path', 'wav')
+AUDIO_LABEL_COLUMNS = ('label', 'event_label', 'class')
+_PCM_DTYPES = {1: np.uint8, 2: np.dtype('<i2'), 4: np.dtype('<i4')}  # bytes per sample -> dtype (24-bit: by hand)
+
+
+def read_wav(path):
+    """RIFF/WAVE file -> (mono float32 waveform in [-1, 1], sample rate). PCM 8/16/24/32-bit or IEEE float 32/64-bit
+    (plain or WAVE_FORMAT_EXTENSIBLE); channels are averaged. Anything else is refused with the reason."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"audio file {path}: cannot be read ({e.strerror})") from None
+    if len(data) < 12 or data[:4] != b'RIFF' or data[8:12] != b'WAVE':
+        raise UserError(f"audio file {path}: not a RIFF/WAVE file (starts with {data[:12]!r})")
+    chunks, pos = {}, 12
+    while pos + 8 <= len(data):  # walk the chunks: 4-byte id, little-endian size, body padded to an even length
+        chunk_id, size = struct.unpack_from('<4sI', data, pos)
+        chunks.setdefault(chunk_id, data[pos + 8:pos + 8 + size])
+        pos += 8 + size + (size & 1)
+    fmt, body = chunks.get(b'fmt '), chunks.get(b'data')
+    if fmt is None or len(fmt) < 16 or body is None:
+        raise UserError(f"audio file {path}: no 'fmt ' or 'data' chunk: a truncated or foreign WAV")
+    tag, channels, rate, _, _, bits = struct.unpack_from('<HHIIHH', fmt)
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID starts with the real tag
+        tag = struct.unpack_from('<H', fmt, 24)[0]
+    width = bits // 8
+    if channels == 0 or rate == 0 or not ((tag == 1 and width in (1, 2, 3, 4)) or (tag == 3 and width in (4, 8))):
+        raise UserError(f"audio file {path}: unsupported sample format (format tag {tag}, {bits} bits, {channels} "
+                        f"channels); expected PCM 8/16/24/32-bit or float 32/64-bit")
+    n = len(body) // (width * channels) * channels
+    if tag == 3:
+        samples = np.frombuffer(body, f'<f{width}', n).astype(np.float32)
+    elif width == 3:  # 24-bit: assemble little-endian triples, the top byte signed
+        b = np.frombuffer(body, np.uint8, n * 3).reshape(-1, 3).astype(np.int32)  # (n, 3)
+        samples = ((b[:, 2] << 24 | b[:, 1] << 16 | b[:, 0] << 8) >> 8).astype(np.float32) / 2 ** 23
+    elif width == 1:  # 8-bit WAV is unsigned, centred on 128
+        samples = (np.frombuffer(body, np.uint8, n).astype(np.float32) - 128) / 128
+    else:
+        samples = np.frombuffer(body, _PCM_DTYPES[width], n).astype(np.float32) / 2 ** (bits - 1)
+    return samples.reshape(-1, channels).mean(axis=1), rate  # (frames, channels) -> mono
+
+
+def write_wav(path, waveform, sample_rate, bits=16, channels=1):
+    """Write float samples in [-1, 1] as PCM (8/16/24/32-bit) with the standard library's wave module; channels > 1
+    repeats the signal in every channel."""
+    x = np.repeat(np.clip(np.asarray(waveform, np.float64), -1, 1)[:, None], channels, axis=1)  # (n, channels)
+    if bits == 8:  # 8-bit WAV is unsigned
+        raw = np.round(x * 127 + 128).astype(np.uint8).tobytes()
+    else:
+        ints = np.round(x * (2 ** (bits - 1) - 1)).astype('<i4')
+        if bits == 24:  # the low 3 bytes of each little-endian int32
+            raw = ints.view(np.uint8).reshape(*ints.shape, 4)[..., :3].tobytes()
+        else:
+            raw = ints.astype(f'<i{bits // 8}').tobytes()
+    with wave.open(str(path), 'wb') as w:
+        w.setnchannels(channels)
+        w.setsampwidth(bits // 8)
+        w.setframerate(sample_rate)
+        w.writeframes(raw)
+
+
+def resample(waveform, rate_in, rate_out):
+    """Band-limited resampling by truncating or zero-extending the spectrum (the FFT method); exact for signals
+    below both Nyquist frequencies, good enough for the 1-5 s clips here."""
+    n_out = int(round(len(waveform) * rate_out / rate_in))
+    spectrum = np.fft.rfft(waveform.astype(np.float64))
+    out = np.zeros(n_out // 2 + 1, dtype=complex)
+    keep = min(len(spectrum), len(out))
+    out[:keep] = spectrum[:keep]
+    return (np.fft.irfft(out, n_out) * (n_out / len(waveform))).astype(np.float32)
+
+
+def fit_clip(waveform, length):
+    """Zero-pad the tail or crop the tail to `length` samples (the head is kept, as upstream does)."""
+    return waveform[:length] if len(waveform) >= length else np.pad(waveform, (0, length - len(waveform)))
+
+
+@functools.lru_cache(maxsize=8)
+def _hann_window(length):
+    return torch.hann_window(length, periodic=True)  # periodic: the DFT-even window librosa's get_window returns
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax):
+    """(n_mels, n_fft // 2 + 1) float32 triangles on the Slaney mel scale (linear below 1 kHz, 27 steps per factor
+    6.4 above), each scaled by 2 / (f_{i+2} - f_i) so it has unit area (Slaney normalisation), as librosa does."""
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, math.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+
+    def hz_to_mel(f):
+        return f / f_sp if f < min_log_hz else min_log_mel + math.log(f / min_log_hz) / logstep
+
+    mels = np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2)
+    hz = np.where(mels < min_log_mel, mels * f_sp, min_log_hz * np.exp(logstep * (mels - min_log_mel)))  # mel -> Hz
+    bins = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)  # FFT bin centre frequencies
+    ramps = hz[:, None] - bins[None, :]  # (n_mels + 2, bins)
+    widths = np.diff(hz)
+    rising, falling = -ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None]
+    weights = np.maximum(0, np.minimum(rising, falling)) * (2.0 / (hz[2:] - hz[:-2]))[:, None]
+    return torch.from_numpy(weights.astype(np.float32))
+
+
+def log_mel_spectrogram(waveform, sample_rate=16000, n_fft=512, win_length=400, hop_length=160, n_mels=64,
+                        fmin=20.0, fmax=8000.0, top_db=80.0):
+    """Log-mel spectrogram in dB, (n_mels, 1 + len // hop_length) float32, exactly librosa's
+    power_to_db(melspectrogram(...), ref=np.max, top_db=80) with these settings: periodic Hann window of win_length
+    zero-padded (centred) to n_fft, frames centred on every hop with zero (constant) padding of n_fft // 2 at both
+    ends, power |STFT|^2, Slaney mel filters, 10 log10(max(S, 1e-10)) relative to the clip's maximum, floored at
+    top_db below it. float32 throughout: 8x faster than a float64 STFT and within 0.002 dB of it."""
+    x = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+    window = _hann_window(win_length)
+    spec = torch.stft(x, n_fft, hop_length, win_length, window, center=True, pad_mode='constant',
+                      return_complex=True)  # (n_fft // 2 + 1, frames); torch centres the short window in n_fft
+    power = spec.real.square() + spec.imag.square()
+    mel = mel_filterbank(sample_rate, n_fft, n_mels, float(fmin), float(fmax)) @ power  # (n_mels, frames)
+    db = 10.0 * torch.log10(mel.clamp_min(1e-10))
+    db = db - db.max()  # ref = the clip's maximum: the loudest cell is 0 dB
+    return db.clamp_min(-top_db).numpy()
+
+
+def _dreamcatcher_name(text):
+    """A manifest label as a name: DreamCatcher ids '0'..'8' become their names; anything else is kept as written."""
+    text = text.strip()
+    return DREAMCATCHER_LABELS[int(text)] if text.isdigit() and int(text) < len(DREAMCATCHER_LABELS) else text
+
+
+def map_label(raw, label_map, where):
+    """Class id of a raw label (name or DreamCatcher id) under label_map; None for a DreamCatcher class the task
+    leaves out (counted by the caller); a UserError naming `where` for anything else."""
+    raw = str(raw).strip()
+    for key in (raw, _dreamcatcher_name(raw)):
+        if key in label_map:
+            return label_map[key]
+    if _dreamcatcher_name(raw) in DREAMCATCHER_LABELS:
+        return None
+    raise UserError(f"{where}: label {raw!r} is not in label_map {label_map} nor a DreamCatcher label "
+                    f"{list(DREAMCATCHER_LABELS)}")
+
+
+def _hash_split(path):
+    """'train' / 'val' / 'test' at 70 / 15 / 15 %, from the clip's path alone: stable when rows are added."""
+    h = int(hashlib.sha1(path.encode()).hexdigest()[:8], 16) % 100
+    return 'train' if h < 70 else 'val' if h < 85 else 'test'
+
+
+def read_audio_manifest(manifest, label_map, audio_root=''):
+    """CSV manifest -> {split: [(wav path, class id), ...]}, n_left_out. Reads the path, label and (optional)
+    split columns only, no audio. Without a split column clips are split 70/15/15 by a hash of their path."""
+    if not os.path.isfile(manifest):
+        raise UserError(f"manifest {manifest}: no such file")
+    root = audio_root or os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        path_col = next((c for c in AUDIO_PATH_COLUMNS if c in columns), None)
+        label_col = next((c for c in AUDIO_LABEL_COLUMNS if c in columns), None)
+        if path_col is None or label_col is None:
+            raise UserError(f"manifest {manifest}: needs a path column (one of {AUDIO_PATH_COLUMNS}) and a label "
+                            f"column (one of {AUDIO_LABEL_COLUMNS}); it has {columns}")
+        splits, left_out = {}, 0
+        for row_number, row in enumerate(reader, start=2):
+            where = f"manifest {manifest}, row {row_number}, column {label_col!r}"
+            label = map_label(row[label_col] or '', label_map, where)
+            if label is None:
+                left_out += 1
+                continue
+            path = os.path.join(root, row[path_col])
+            split = (row.get('split') or '').strip() or _hash_split(row[path_col])
+            splits.setdefault(split, []).append((path, label))
+    if not splits:
+        raise UserError(f"manifest {manifest}: no clip of the classes in label_map {label_map}")
+    return splits, left_out
+
+
+def read_waveform_arrays(path, label_map):
+    """.npz / .h5 of raw waveforms -> {split: [(waveform float32, class id), ...]}, n_left_out, sample_rate.
+    Arrays: 'waveforms' (N, L) float or int16, 'labels' (N,) names or ids, optional 'lengths' (N,) valid samples
+    per row, 'split' (N,) names, 'sample_rate' (scalar, default 16000)."""
+    if not os.path.isfile(path):
+        raise UserError(f"waveform file {path}: no such file")
+    try:
+        if path.endswith(('.h5', '.hdf5')):
+            with h5py.File(path, 'r') as f:
+                arrays = {k: f[k][()] for k in f.keys()}
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"waveform file {path}: cannot be read as .npz/.h5 ({e})") from None
+    for key in ('waveforms', 'labels'):
+        if key not in arrays:
+            raise UserError(f"waveform file {path}: no {key!r} array (it has {sorted(arrays)})")
+    waves, labels = arrays['waveforms'], arrays['labels']
+    if waves.ndim != 2 or len(labels) != len(waves):
+        raise UserError(f"waveform file {path}: expected waveforms (N, L) and labels (N,), got {waves.shape} and "
+                        f"{labels.shape}")
+    scale = 1 / 32768 if waves.dtype == np.int16 else 1.0
+    lengths = arrays.get('lengths', np.full(len(waves), waves.shape[1]))
+    names = arrays.get('split', np.array([''] * len(waves)))
+    splits, left_out = {}, 0
+    for i in range(len(waves)):
+        raw = labels[i].decode() if isinstance(labels[i], bytes) else labels[i]
+        label = map_label(raw, label_map, f"waveform file {path}, 'labels'[{i}]")
+        if label is None:
+            left_out += 1
+            continue
+        split = names[i].decode() if isinstance(names[i], bytes) else str(names[i]) or _hash_split(str(i))
+        splits.setdefault(split, []).append((waves[i, :int(lengths[i])].astype(np.float32) * scale, label))
+    return splits, left_out, int(arrays.get('sample_rate', 16000))
+
+
+# seed 001's recipe: the defaults train_audio.py and train_kd.py share, defined once here so they cannot drift
+AUDIO_FEATURES = dict(sample_rate=16000, clip_seconds=5.0, n_fft=512, win_length=400, hop_length=160, n_mels=64,
+                      fmin=20.0, fmax=8000.0, top_db=80.0)
+AUDIO_RECIPE = dict(label_map={'quiet': 0, 'breathe': 1, 'snore': 2}, batch_size=64, learning_rate=1e-3,
+                    weight_decay=1e-5, class_weights=[1.0, 1.5, 5.5], patience=5, max_epochs=50, seed=42,
+                    input_norm='train_stats', num_workers=4)
+
+
+def _audio_cache_problem(h5_path, expected):
+    """Why an audio feature cache cannot be used (None if it can): unreadable, incomplete, built from other
+    settings or other clips (`expected`: attributes that must match), or inconsistent shapes."""
+    try:
+        with h5py.File(h5_path, 'r') as f:
+            if not f.attrs.get('complete', False):
+                return "it is incomplete (no complete=True attribute)"
+            for key, value in expected.items():
+                if f.attrs.get(key) != value:
+                    return f"its {key} differs from the current one"
+            n, features, labels = int(f.attrs['n_samples']), f['features'], f['labels']
+            if features.shape[0] != n or labels.shape != (n,):
+                return f"its shapes disagree: n_samples {n}, features {features.shape}, labels {labels.shape}"
+    except (OSError, KeyError, ValueError, TypeError) as e:  # truncated or foreign file: h5py raises OSError
+        return f"it cannot be read ({type(e).__name__})"
+    return None
+
+
+def _load_clip(source, array_rate, sample_rate):
+    """A manifest's WAV path or an array row -> float32 waveform at sample_rate."""
+    waveform, rate = read_wav(source) if isinstance(source, str) else (source, array_rate)
+    return waveform if rate == sample_rate else resample(waveform, rate, sample_rate)
+
+
+def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_size=128, log=print):
+    """Log-mel spectrograms of items [(WAV path or waveform, class id)] into h5_path: 'features' (N, n_mels, T)
+    float32 stored one sample per chunk, uncompressed (shuffled reads stay fast), 'labels' (N,), written in batches
+    to h5_path.tmp, closed, then renamed over h5_path: an interrupted build never leaves a readable partial file and
+    the previous cache stays until the new one is complete. Empty or non-finite clips are skipped and counted.
+    The attributes (n_samples, train mean/std, attrs) go last, 'complete' the very last."""
+    missing = [s for s, _ in items if isinstance(s, str) and not os.path.isfile(s)]
+    if missing:
+        raise UserError(f"audio file {missing[0]}: no such file ({len(missing)} of {len(items)} clips missing)")
+    length = int(round(features['clip_seconds'] * features['sample_rate']))
+    mel_args = {k: features[k] for k in ('sample_rate', 'n_fft', 'win_length', 'hop_length', 'n_mels', 'fmin',
+                                         'fmax', 'top_db')}
+    frames = 1 + length // features['hop_length']
+    os.makedirs(os.path.dirname(h5_path) or '.', exist_ok=True)
+    tmp, threads = f'{h5_path}.tmp', torch.get_num_threads()
+    torch.set_num_threads(1)  # one clip at a time is fastest on one thread (batched STFTs are slower on CPU)
+    try:
+        with h5py.File(tmp, 'w') as f:
+            out = f.create_dataset('features', (0, features['n_mels'], frames), 'f4', chunks=(1, features['n_mels'],
+                                   frames), maxshape=(None, features['n_mels'], frames))
+            kept, skipped, total, total_sq, batch = [], 0, 0.0, 0.0, []
+            for i, (source, label) in enumerate(items):
+                waveform = _load_clip(source, array_rate, features['sample_rate'])
+                if len(waveform) == 0 or not np.isfinite(waveform).all():
+                    skipped += 1  # the upstream skips these too; counted and reported, never zero-filled
+                else:
+                    spec = log_mel_spectrogram(fit_clip(waveform, length), **mel_args)  # (n_mels, frames)
+                    total, total_sq = total + spec.sum(dtype=np.float64), total_sq + float(np.dot(spec.ravel(),
+                                                                                                 spec.ravel()))
+                    batch.append(spec)
+                    kept.append(label)
+                if batch and (len(batch) == batch_size or i == len(items) - 1):  # one write per batch of clips
+                    block = np.stack(batch)  # (batch, n_mels, frames)
+                    out.resize(len(kept), axis=0)
+                    out[len(kept) - len(block):] = block
+                    batch = []
+            if not kept:
+                raise UserError(f"{h5_path}: none of the {len(items)} clips is usable (all empty or non-finite)")
+            count = len(kept) * features['n_mels'] * frames
+            mean = total / count
+            f.create_dataset('labels', data=np.array(kept, dtype=np.int64))
+            f.attrs.update(n_samples=len(kept), skipped=skipped, mean=mean,
+                           std=math.sqrt(max(total_sq / count - mean * mean, 1e-12)), **attrs)
+            f.attrs['complete'] = True  # last: a file without it was interrupted
+        os.replace(tmp, h5_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    log(f"cache {h5_path}: {len(kept):,} clips written, {skipped} empty/non-finite clips skipped")
+
+
+def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root='', data='',
+                        splits=('train', 'val', 'test'), skip_existing=True, log=print):
+    """The HDF5 feature cache of each split of a manifest (+ WAVs) or a waveform array file: {split: path}, and
+    the number of clips whose DreamCatcher class the label_map leaves out. A split's cache is reused only while
+    its attributes match the feature settings, the label map and the clips (paths, labels, file sizes or the
+    array bytes); otherwise (or with skip_existing=False) it is rebuilt."""
+    ids = sorted(set(label_map.values()))
+    if ids != list(range(len(ids))):
+        raise UserError(f"label_map={label_map}: class ids must be 0..K-1, got {ids}")
+    if bool(manifest) == bool(data):
+        raise UserError("give exactly one audio source: --manifest=labels.csv (+ --audio_root) or --data=waves.npz")
+    source, array_rate = manifest or data, None
+    if manifest:
+        by_split, left_out = read_audio_manifest(manifest, label_map, audio_root)
+    else:
+        by_split, left_out, array_rate = read_waveform_arrays(data, label_map)
+    folder = os.path.join(cache_dir, 'audio', hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:16])
+    feature_hash = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
+    paths = {}
+    for split in splits:
+        if split not in by_split:
+            raise UserError(f"{source}: no clips in split {split!r} (it has {sorted(by_split)})")
+        items, digest = by_split[split], hashlib.sha256()
+        for clip, label in items:  # what the clips are: path + size + label, or the samples themselves
+            digest.update(f"{clip}|{os.path.getsize(clip) if os.path.isfile(clip) else -1}|{label}\n".encode()
+                          if isinstance(clip, str) else clip.tobytes() + str(label).encode())
+        attrs = dict(feature_hash=feature_hash, features=json.dumps(features, sort_keys=True),
+                     dataset_hash=digest.hexdigest()[:16], label_map=json.dumps(label_map, sort_keys=True),
+                     source=os.path.abspath(source))
+        paths[split] = os.path.join(folder, f'{split}.h5')
+        problem = _audio_cache_problem(paths[split], {k: attrs[k] for k in ('feature_hash', 'dataset_hash',
+                                                                               'label_map')}) \
+            if os.path.exists(paths[split]) else "it does not exist yet"
+        if problem is None and skip_existing:
+            log(f"cache {paths[split]}: up to date ({split}), reused")
+            continue
+        log(f"cache {paths[split]}: building {len(items):,} {split} clips ({problem or 'skip_existing=False'})")
+        build_audio_cache(paths[split], items, features, attrs, array_rate, log=log)
+    return paths, left_out
+
+
+class SpectrogramCache(torch.utils.data.Dataset):
+    """The samples of one split's cache: (features (1, n_mels, T) float32, class id). The HDF5 file is opened on
+    first use inside each process (each DataLoader worker), never in __init__: an open handle cannot be pickled to
+    spawned workers, and one shared across fork can corrupt reads."""
+
+    def __init__(self, h5_path):
+        with h5py.File(h5_path, 'r') as f:
+            self.labels = f['labels'][()]
+            self.mean, self.std = float(f.attrs['mean']), float(f.attrs['std'])
+            self.shape = f['features'].shape[1:]  # (n_mels, frames)
+        self.h5_path, self._file = h5_path, None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self._file is None:
+            self._file = h5py.File(self.h5_path, 'r')
+        return torch.from_numpy(self._file['features'][i])[None], int(self.labels[i])  # (1, n_mels, T), label
+
+    def __getstate__(self):  # what a worker receives: no handle
+        return {**self.__dict__, '_file': None}
+
+
+# the built-in stand-in for DreamCatcher's 3-class task: procedural quiet / breathe / snore clips as 16-bit WAVs
+SLEEP_SOUNDS_VERSION = 1
+SLEEP_CLASSES = ('quiet', 'breathe', 'snore')
+SLEEP_SHARES = (0.55, 0.35, 0.10)  # DreamCatcher's training split: 55.6 / 35.1 / 9.3 %
+
+
+def _band_noise(rng, n, sample_rate, low, high):
+    """White noise keeping only the low..high Hz band (zeroed FFT bins), unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1 / sample_rate)
+    spectrum[(freqs < low) | (freqs > high)] = 0
+    x = np.fft.irfft(spectrum, n)
+    return x / (np.sqrt(np.mean(x ** 2)) + 1e-12)
+
+
+def _swell(n, start, end):
+    """A raised-sine envelope rising and falling between fractions start..end of n samples, 0 elsewhere."""
+    t = np.linspace(0, 1, n)
+    inside = (t >= start) & (t <= end)
+    envelope = np.zeros(n)
+    envelope[inside] = np.sin(np.pi * (t[inside] - start) / (end - start)) ** 2
+    return envelope
+
+
+def sleep_sound(kind, rng, sample_rate=16000):
+    """One procedural clip of 0.6-1.4 s: quiet = room noise (sometimes a faint rustle); breathe = one or two slow
+    swells of band-limited noise; snore = a low harmonic buzz (f0 50-130 Hz) with an amplitude swell. Every clip
+    gets room noise at a random level and, a third of the time, mains hum, so no single cue gives the class."""
+    n = int(sample_rate * rng.uniform(0.6, 1.4))
+    t = np.arange(n) / sample_rate
+    x = 10 ** rng.uniform(-3.3, -2.0) * _band_noise(rng, n, sample_rate, 20, 6000)  # room noise
+    if rng.random() < 0.33:  # mains hum at 50 or 60 Hz and its harmonic
+        f = rng.choice([50.0, 60.0])
+        x += 10 ** rng.uniform(-3.0, -2.2) * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(4 * np.pi * f * t))
+    if kind == 'quiet' and rng.random() < 0.3:  # a faint rustle: short broadband burst
+        start = rng.uniform(0, 0.8)
+        x += 10 ** rng.uniform(-2.6, -1.8) * _band_noise(rng, n, sample_rate, 200, 5000) * _swell(n, start, start + 0.15)
+    elif kind == 'breathe':
+        low = rng.uniform(150, 600)
+        noise = _band_noise(rng, n, sample_rate, low, low * rng.uniform(2.5, 6))
+        split = rng.uniform(0.35, 0.65) if rng.random() < 0.5 else 1.0  # inhale + exhale, or one long breath
+        envelope = _swell(n, 0.0, split) + (_swell(n, split, 1.0) if split < 1 else 0)
+        x += 10 ** rng.uniform(-2.3, -1.0) * noise * envelope
+    elif kind == 'snore':
+        f0 = rng.uniform(50, 130) * (1 + 0.03 * np.sin(2 * np.pi * rng.uniform(2, 6) * t))  # slow vibrato
+        phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+        buzz = sum(np.sin(k * phase + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 12))  # harmonics, 1/k
+        buzz += 0.3 * _band_noise(rng, n, sample_rate, 100, 1500)  # the turbulent part of a snore
+        start = rng.uniform(0.0, 0.3)
+        x += 10 ** rng.uniform(-2.0, -0.8) * buzz / 3 * _swell(n, start, rng.uniform(start + 0.5, 1.0))
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
+    """Write n_clips procedural sleep sounds (55/35/10 % quiet/breathe/snore, split 70/15/15 % train/val/test) as
+    16-bit WAVs plus manifest.csv (path, label, split), and return the manifest's path. Deterministic in seed;
+    skipped when meta.json records the same recipe and the manifest's current hash."""
+    recipe = dict(version=SLEEP_SOUNDS_VERSION, n_clips=n_clips, seed=seed, sample_rate=sample_rate)
+    manifest, meta_path = os.path.join(folder, 'manifest.csv'), os.path.join(folder, 'meta.json')
+    try:  # reuse only if the manifest is still the one recorded
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta['recipe'] == recipe and _file_sha256(manifest) == meta['sha256']:
+            return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(len(SLEEP_CLASSES), size=n_clips, p=SLEEP_SHARES)
+    splits = rng.choice(['train', 'val', 'test'], size=n_clips, p=[0.7, 0.15, 0.15])
+    os.makedirs(os.path.join(folder, 'wavs'), exist_ok=True)
+    rows = ['path,label,split']
+    for i, (kind, split) in enumerate(zip(kinds, splits)):
+        name = f'wavs/{i:05d}_{SLEEP_CLASSES[kind]}.wav'
+        write_wav(os.path.join(folder, name), sleep_sound(SLEEP_CLASSES[kind], rng, sample_rate), sample_rate)
+        rows.append(f'{name},{SLEEP_CLASSES[kind]},{split}')
+    write_atomic(manifest, ('\n'.join(rows) + '\n').encode())
+    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=_file_sha256(manifest))).encode())  # last
+    return manifest

@@ -260,3 +260,122 @@ class SPOTER(nn.Module):
     def forward(self, poses, pad_mask=None):
         """poses (B, T, 54, 2), pad_mask (B, T) bool or None -> logits (B, num_classes)."""
         return self.head(self.features(poses, pad_mask)[0])
+
+
+# -----------------------------------------------------------------------------
+# audio (train_audio.py, train_kd.py): TinyCNN, CRNN and TinyCNN-CBAM on log-mel spectrograms (B, 1, n_mels, T),
+# and the distillation loss
+# -----------------------------------------------------------------------------
+
+def conv_stack(pool_last):
+    """Three 3x3 conv + ReLU blocks, 1 -> 16 -> 32 -> 64 channels, max-pool 2 after the first two (and the third)."""
+    layers = []
+    for i, (c_in, c_out) in enumerate([(1, 16), (16, 32), (32, 64)]):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+        if i < 2 or pool_last:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class TinyCNN(nn.Module):
+    """Three conv blocks -> global average pool -> linear: 23,491 parameters at 3 classes."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.features = conv_stack(pool_last=False)
+        self.head = nn.Linear(64, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))  # (B, 64, F/4, T/4) -> (B, 64) -> (B, n_classes)
+
+
+class CRNN(nn.Module):
+    """The teacher: TinyCNN's convs -> mean over frequency -> a 2-layer GRU over time -> the last step (or the mean
+    over steps, rnn_pool='mean': the last step sits in the zero-padded tail of most clips) -> linear.
+    73,411 parameters at 3 classes."""
+
+    def __init__(self, n_classes=3, hidden=64, rnn_layers=2, rnn_pool='last'):
+        super().__init__()
+        if rnn_pool not in ('last', 'mean'):
+            raise ValueError(f"rnn_pool={rnn_pool!r}: expected 'last' or 'mean'")
+        self.features, self.rnn_pool = conv_stack(pool_last=False), rnn_pool
+        self.rnn = nn.GRU(64, hidden, num_layers=rnn_layers, batch_first=True)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, x):
+        x = self.features(x).mean(dim=2).transpose(1, 2)  # (B, 64, F/4, T/4) -> (B, T/4, 64)
+        out, _ = self.rnn(x)  # (B, T/4, hidden)
+        return self.head(out[:, -1] if self.rnn_pool == 'last' else out.mean(dim=1))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al. 2018): x * channel attention, then * spatial attention.
+    Channel: sigmoid(MLP(avg-pool(x)) + MLP(max-pool(x))), MLP C -> max(1, C // reduction) -> C. Spatial:
+    sigmoid(conv_k x k([mean over channels; max over channels])), no bias. 2C*h + h + C + 2k^2 parameters."""
+
+    def __init__(self, channels, reduction=8, kernel_size=7):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
+        self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))  # (B, C)
+        x = x * gate[:, :, None, None]
+        maps = torch.stack([x.mean(dim=1), x.amax(dim=1)], dim=1)  # (B, 2, H, W)
+        return x * torch.sigmoid(self.spatial(maps))
+
+
+class TinyCNN_CBAM(TinyCNN):
+    """TinyCNN with CBAM(32) between block 2's pool and block 3: 23,801 parameters at r 8, k 3."""
+
+    def __init__(self, n_classes=3, reduction=8, kernel_size=7):
+        super().__init__(n_classes)
+        self.features.insert(6, CBAM(32, reduction, kernel_size))  # after conv, relu, pool, conv, relu, pool
+
+
+def audio_model(model, n_classes=3, cbam_reduction=8, cbam_kernel=7, rnn_pool='last'):
+    """The model named by train_audio.py's `model` key; train_kd.py builds its students through this too."""
+    if model == 'tinycnn':
+        return TinyCNN(n_classes)
+    if model == 'crnn':
+        return CRNN(n_classes, rnn_pool=rnn_pool)
+    if model == 'tinycnn_cbam':
+        return TinyCNN_CBAM(n_classes, cbam_reduction, cbam_kernel)
+    raise ValueError(f"model={model!r}: expected 'crnn', 'tinycnn' or 'tinycnn_cbam'")
+
+
+def kd_loss(student_logits, teacher_logits, targets, alpha, temperature, class_weights=None):
+    """Hinton et al. 2015: alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE_w(z_s, y).
+    The KL is summed over classes and averaged over the batch (reduction='batchmean'; 'mean' would also divide by
+    the class count); T^2 keeps its gradients on the scale of the CE term's. Returns (loss, kd term, ce term)."""
+    ce = F.cross_entropy(student_logits, targets, weight=class_weights)
+    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.log_softmax(teacher_logits / temperature,
+                  dim=-1), reduction='batchmean', log_target=True) * temperature ** 2
+    return alpha * kd + (1 - alpha) * ce, kd, ce
+
+
+# -----------------------------------------------------------------------------
+# metrics
+# -----------------------------------------------------------------------------
+
+def confusion_matrix(predictions, targets, n_classes):
+    """(n_classes, n_classes) int64 counts, rows = true class, columns = predicted class."""
+    counts = torch.bincount(torch.as_tensor(targets) * n_classes + torch.as_tensor(predictions),
+                            minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes)  # (true, predicted)
+
+
+def per_class_scores(confusion):
+    """Precision, recall and F1 per class from a confusion matrix; F1 = 2TP / (2TP + FP + FN), 0 when that
+    denominator is 0 (a class never present nor predicted)."""
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    safe = lambda num, den: torch.where(den > 0, num / den.clamp_min(1), torch.zeros_like(num))  # noqa: E731
+    return safe(tp, tp + fp), safe(tp, tp + fn), safe(2 * tp, 2 * tp + fp + fn)
+
+
+def macro_f1(confusion):
+    """Mean over classes of the per-class F1 (every class counts equally, however rare)."""
+    return per_class_scores(confusion)[2].mean().item()

@@ -1,0 +1,272 @@
+"""
+Train a sleep-sound classifier (seed 001: DreamCatcher's 3-class task, quiet / breathe / snore) on 64-band
+log-mel spectrograms read from an HDF5 feature cache: CRNN (the teacher), TinyCNN or TinyCNN-CBAM. Class-weighted
+cross-entropy, Adam, early stopping on validation macro-F1, best.pt's weights scored once on the test split.
+Without data it writes the built-in procedural sleep sounds (16-bit WAVs + a CSV manifest) and reads them back
+through the same loader as real exported audio.
+
+    python train_audio.py config/audio_tinycnn.py                      # built-in sounds, minutes on a CPU
+    python train_audio.py config/audio_crnn.py --manifest=labels.csv --audio_root=wavs/
+    python train_audio.py config/audio_tinycnn_cbam.py --data=waveforms.npz
+    python data.py audio --manifest=labels.csv --splits=train,val      # build the feature cache alone
+    sbatch --requeue --gres=gpu:1 --wrap "python train_audio.py config/audio_crnn.py --manifest=... --init_from=auto"
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, init_distributed,
+                    load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint, seed_everything,
+                    set_rng_state, write_atomic)
+from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, prepare_audio_cache, \
+    write_sleep_sounds
+from model import audio_model, confusion_matrix, macro_f1, per_class_scores
+
+# -----------------------------------------------------------------------------
+# default config: every knob, one per line (config files and --key=value override these)
+# -----------------------------------------------------------------------------
+out_dir = 'out/audio'  # run directory; fixed, so a requeued job finds its own checkpoint
+init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' (resume if out_dir/last.pt exists)
+overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+# data: exactly one of manifest / data, or neither for the built-in sounds
+manifest = ''  # CSV with a path column and a label column ('label', 'event_label' or 'class'), optional 'split'
+audio_root = ''  # folder the manifest's paths are relative to ('' = the manifest's folder)
+data = ''  # .npz/.h5 of raw waveforms: 'waveforms' (N, L), 'labels' (N,), optional 'lengths', 'split', 'sample_rate'
+builtin_clips = 1500  # clips of the built-in procedural sleep sounds (55/35/10 %, split 70/15/15 %)
+cache_dir = 'cache'  # the HDF5 feature caches live in cache_dir/audio/<source>/<split>.h5
+label_map = AUDIO_RECIPE['label_map']  # label name (or DreamCatcher id) -> class; other DreamCatcher labels dropped
+# features (seed 001, librosa's definition); a cache built with other values is rebuilt
+sample_rate = AUDIO_FEATURES['sample_rate']  # Hz; WAVs at other rates are resampled (FFT method)
+clip_seconds = AUDIO_FEATURES['clip_seconds']  # every clip zero-padded / cropped (head kept) to this length
+n_fft = AUDIO_FEATURES['n_fft']  # FFT size (samples)
+win_length = AUDIO_FEATURES['win_length']  # periodic Hann window (samples), zero-padded to n_fft
+hop_length = AUDIO_FEATURES['hop_length']  # samples between frames: 5.0 s -> 501 frames
+n_mels = AUDIO_FEATURES['n_mels']  # mel bands (Slaney scale and area normalisation)
+fmin = AUDIO_FEATURES['fmin']  # lowest mel edge (Hz)
+fmax = AUDIO_FEATURES['fmax']  # highest mel edge (Hz)
+top_db = AUDIO_FEATURES['top_db']  # dB floor below each clip's maximum
+input_norm = AUDIO_RECIPE['input_norm']  # 'train_stats' (standardise by the train cache's mean/std) | 'none' (upstream)
+num_workers = AUDIO_RECIPE['num_workers']  # DataLoader worker processes (each opens the cache lazily)
+# model
+model = 'tinycnn'  # 'crnn' | 'tinycnn' | 'tinycnn_cbam'
+cbam_reduction = 8  # CBAM channel-MLP reduction r (tinycnn_cbam)
+cbam_kernel = 7  # CBAM spatial-attention kernel k (tinycnn_cbam)
+rnn_pool = 'last'  # crnn: 'last' GRU step (upstream; it lies in the padded tail) | 'mean' over steps
+# optimization (seed 001's recipe)
+batch_size = AUDIO_RECIPE['batch_size']  # clips per batch per process
+learning_rate = AUDIO_RECIPE['learning_rate']  # Adam, constant
+weight_decay = AUDIO_RECIPE['weight_decay']  # Adam's L2 weight decay
+class_weights = AUDIO_RECIPE['class_weights']  # cross-entropy weight per class (quiet, breathe, snore)
+max_epochs = AUDIO_RECIPE['max_epochs']  # upper bound on epochs
+patience = AUDIO_RECIPE['patience']  # stop after this many epochs without a strictly better val macro-F1
+grad_clip = 0.0  # clip the global gradient norm to this; 0.0 = off
+log_interval = 1  # print a line every this many epochs
+# system
+seed = AUDIO_RECIPE['seed']  # seed 001's seed
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+compile = False  # torch.compile the model
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# setup: processes, device, seeds, what to start from
+ddp, rank, world_size, device = init_distributed(device)
+master = rank == 0
+dtype, autocast = autocast_context(device, dtype)
+n_classes = len(set(label_map.values()))
+if len(class_weights) != n_classes:
+    raise UserError(f"class_weights={class_weights}: expected {n_classes} weights, one per class of label_map")
+if input_norm not in ('train_stats', 'none'):
+    raise UserError(f"input_norm={input_norm!r}: expected 'train_stats' or 'none'")
+resume_path = resolve_init(init_from, out_dir, overwrite)
+ckpt = load_checkpoint(resume_path) if resume_path else None
+seed_everything(seed + rank)
+
+# data: WAVs + manifest (or waveform arrays) -> one HDF5 cache of log-mel spectrograms per split (rank 0 builds)
+if not manifest and not data:
+    manifest = write_sleep_sounds(os.path.join(cache_dir, 'sleep_sounds'), builtin_clips, seed=0) if master else \
+        os.path.join(cache_dir, 'sleep_sounds', 'manifest.csv')
+features = {k: config[k] for k in AUDIO_FEATURES}
+if master:
+    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data)
+if ddp:
+    torch.distributed.barrier()  # the other ranks find rank 0's finished caches
+if not master:
+    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data,
+                                                log=lambda *a: None)
+splits = {name: SpectrogramCache(path) for name, path in cache_paths.items()}
+mean, std = (splits['train'].mean, splits['train'].std) if input_norm == 'train_stats' else (0.0, 1.0)
+loader_args = dict(num_workers=num_workers, pin_memory=device.startswith('cuda'), persistent_workers=num_workers > 0)
+
+# model (+ resume): the architecture comes from the checkpoint when there is one
+model_args = dict(model=model, n_classes=n_classes, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel,
+                  rnn_pool=rnn_pool)
+if ckpt:
+    conflicts = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
+                 if model_args[k] != v]
+    if conflicts:
+        raise UserError(f"{resume_path}: the architecture comes from the checkpoint, but the config sets "
+                        f"{', '.join(conflicts)}; drop those overrides or start from scratch")
+net = audio_model(**model_args).to(device)
+opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+loss_weights = torch.tensor(class_weights, dtype=torch.float32, device=device)
+sampler = WindowSampler(len(splits['train']), batch_size, seed, rank, world_size)
+epoch, step_in_epoch, best_f1, since_best, sums = 0, 0, -1.0, 0, {}
+if ckpt:
+    net.load_state_dict(ckpt['model_state_dict'])
+    opt.load_state_dict(ckpt['optimizer_state_dict'])
+    states = ckpt['rng_state']
+    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    epoch, step_in_epoch, best_f1, since_best, sums = (ckpt[k] for k in ('epoch', 'step_in_epoch', 'best_metric',
+                                                                       'since_best', 'epoch_sums'))
+raw_model = net
+if compile:
+    net = torch.compile(net)
+if ddp:
+    net = DDP(net, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+
+# run directory: rank 0 writes the facts
+run = RunDir(out_dir, config, resume=ckpt is not None, master=master, device=device, dtype=dtype,
+             world_size=world_size, data={'manifest': manifest, 'data': data, 'caches': cache_paths})
+n_params = sum(p.numel() for p in raw_model.parameters())
+run.write_text('model.txt', f"{raw_model}\nparameters: {n_params:,}\n")
+run.event('start', epoch=epoch, resumed_from=resume_path, config_hash=run.config_hash, parameters=n_params)
+for name, split in splits.items():
+    counts = torch.bincount(torch.from_numpy(split.labels), minlength=n_classes).tolist()
+    run.print(f"{name}: {len(split):,} clips | per class {counts} | {split.shape[0]}x{split.shape[1]} log-mel")
+run.print(f"{left_out:,} clips of DreamCatcher classes outside label_map left out | input_norm {input_norm} "
+          f"(mean {mean:.2f} dB, std {std:.2f} dB) | {model}: {n_params:,} parameters")
+
+
+class EpochBatches:
+    """The DataLoader's batch sampler: the rest of epoch `epoch` from the resumable WindowSampler. The loader
+    prefetches, so the sampler's own position runs ahead; (epoch, step_in_epoch) is the truth we checkpoint."""
+
+    def __iter__(self):
+        sampler.load_state_dict({'epoch': epoch, 'cursor': step_in_epoch * batch_size})
+        return (sampler.next().tolist() for _ in range(steps_per_epoch - step_in_epoch))
+
+
+@torch.no_grad()
+def evaluate(split):
+    """Loss, accuracy, macro-F1 and the confusion matrix of a whole split (eval mode, fixed order)."""
+    raw_model.eval()
+    loss, confusion = 0.0, torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    for x, y in DataLoader(splits[split], batch_size=batch_size, **loader_args):
+        x, y = (x.to(device) - mean) / std, y.to(device)
+        with autocast:
+            logits = raw_model(x).float()
+        loss += F.cross_entropy(logits, y, weight=loss_weights, reduction='sum').item()
+        confusion += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), n_classes)
+    raw_model.train()
+    weight_sum = (loss_weights.cpu() * confusion.sum(1)).sum().item()  # the weighted mean's denominator
+    return {f'{split}/loss': loss / weight_sum, f'{split}/acc': confusion.diagonal().sum().item() / confusion.sum().item(),
+            f'{split}/macro_f1': macro_f1(confusion)}, confusion
+
+
+def checkpoint(names, metrics):
+    rng = rng_states_all_ranks(ddp)
+    if master:
+        for name in names:
+            save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
+                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=opt.state_dict(),
+                            args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
+                            rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
+                            epoch_sums=sums, config_hash=run.config_hash)
+
+
+# -----------------------------------------------------------------------------
+# training loop: epochs of shuffled batches from the cache; val macro-F1 decides best.pt and early stopping
+# -----------------------------------------------------------------------------
+stop = StopSignal()
+steps_per_epoch = len(splits['train']) // (batch_size * world_size)  # the ragged tail differs every epoch
+train_loader = DataLoader(splits['train'], batch_sampler=EpochBatches(), **loader_args)
+t_start, reason = time.time(), 'max_epochs'
+while epoch < max_epochs and since_best < patience:
+    t_epoch = time.time()
+    sums = sums or {'loss': 0.0, 'seen': 0, 'data_s': 0.0}  # carried through a pre-emption
+    batches = iter(train_loader)
+    while step_in_epoch < steps_per_epoch:
+        if all_ranks_any(stop.requested, ddp, device):  # pre-emption: save mid-epoch, exit 0, resume with 'auto'
+            break
+        t_data = time.time()
+        x, y = next(batches)
+        x, y = (x.to(device, non_blocking=True) - mean) / std, y.to(device, non_blocking=True)
+        sums['data_s'] += time.time() - t_data
+        with autocast:
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, weight=loss_weights)
+        if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
+            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
+            raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
+        loss.backward()
+        if grad_clip > 0.0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_in_epoch += 1
+        sums['loss'] += loss.item() * len(y)
+        sums['seen'] += len(y)
+    if step_in_epoch < steps_per_epoch:  # left the epoch early: a signal
+        checkpoint(['last.pt'], {})
+        run.event('end', epoch=epoch, reason='signal', best_val_macro_f1=best_f1)
+        run.print(f"signal received: saved {out_dir}/last.pt in epoch {epoch}; continue with --init_from=auto")
+        reason = 'signal'
+        break
+
+    # end of epoch: validation, scalars, checkpoints, early stopping (strict improvement of val macro-F1)
+    epoch_s = time.time() - t_epoch
+    epoch, step_in_epoch, train_loss, seen, data_s = epoch + 1, 0, sums['loss'] / sums['seen'], sums['seen'], \
+        sums['data_s']
+    sums = {}
+    metrics = {'train/loss': train_loss}
+    if master:
+        metrics.update(evaluate('val')[0])
+    if ddp:  # every rank must agree on early stopping
+        shared = torch.tensor([metrics.get('val/macro_f1', 0.0)], device=device)
+        torch.distributed.broadcast(shared, 0)
+        metrics['val/macro_f1'] = shared.item()
+    improved = metrics['val/macro_f1'] > best_f1
+    best_f1, since_best = (metrics['val/macro_f1'], 0) if improved else (best_f1, since_best + 1)
+    run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **metrics,
+                 'samples_per_s': round(seen * world_size / epoch_s, 1), 'data_share': round(data_s / epoch_s, 3)})
+    run.event('eval', epoch=epoch, **metrics)
+    checkpoint(['last.pt'] + (['best.pt'] if improved else []), metrics)
+    if epoch % log_interval == 0 or epoch == max_epochs or since_best == patience:
+        run.print(f"epoch {epoch} | loss {train_loss:.4f} | val loss {metrics.get('val/loss', float('nan')):.4f} | "
+                  f"val acc {metrics.get('val/acc', float('nan')):.4f} | val f1 {metrics['val/macro_f1']:.4f} | "
+                  f"{1000 * epoch_s:.0f}ms | {seen * world_size / epoch_s:.1f} samples/s | "
+                  f"data {100 * data_s / epoch_s:.0f}%")
+    if since_best == patience:
+        reason = 'early_stop'
+        run.print(f"early stop: no better val macro-F1 than {best_f1:.4f} for {patience} epochs")
+
+# the test: best.pt's weights (selected on validation macro-F1, never on test)
+if reason != 'signal':
+    end = {'best_val_macro_f1': best_f1, 'epochs': epoch, 'stopped': reason,
+           'wall_time_s': round(time.time() - t_start, 1), 'parameters': n_params}
+    if master and 'test' in splits:
+        raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model_state_dict'])
+        test_metrics, confusion = evaluate('test')
+        precision, recall, f1 = per_class_scores(confusion)
+        names = {v: k for k, v in sorted(label_map.items(), key=lambda kv: kv[1])}  # class id -> a label name
+        rows = ['class,name,precision,recall,f1,support'] + [
+            f"{c},{names[c]},{precision[c]:.4f},{recall[c]:.4f},{f1[c]:.4f},{confusion[c].sum().item()}"
+            for c in range(n_classes)]
+        write_atomic(os.path.join(out_dir, 'test_per_class.csv'), ('\n'.join(rows) + '\n').encode())
+        lines = ['true\\pred,' + ','.join(names[c] for c in range(n_classes))]
+        lines += [f"{names[c]}," + ','.join(map(str, confusion[c].tolist())) for c in range(n_classes)]
+        write_atomic(os.path.join(out_dir, 'confusion_matrix.csv'), ('\n'.join(lines) + '\n').encode())
+        end.update(test_metrics, per_class={names[c]: {'precision': round(precision[c].item(), 4), 'recall':
+                                            round(recall[c].item(), 4), 'f1': round(f1[c].item(), 4)}
+                                            for c in range(n_classes)}, confusion=confusion.tolist())
+        run.print(f"test (best.pt) | acc {test_metrics['test/acc']:.4f} | macro_f1 {test_metrics['test/macro_f1']:.4f}"
+                  f" | per-class f1 {[round(v, 3) for v in f1.tolist()]}")
+    run.event('end', reason='done', **end)
+if ddp:
+    torch.distributed.destroy_process_group()
