@@ -120,6 +120,8 @@ epoch, step_in_epoch, best_f1, since_best, sums = 0, 0, -1.0, 0, {}
 if ckpt:
     net.load_state_dict(ckpt['model_state_dict'])
     opt.load_state_dict(ckpt['optimizer_state_dict'])
+    for group in opt.param_groups:  # the optimizer state carries the old lr; the config (maybe changed) decides
+        group.update(lr=learning_rate, weight_decay=weight_decay)
     states = ckpt['rng_state']
     set_rng_state(states[rank] if len(states) == world_size else states[0])
     epoch, step_in_epoch, best_f1, since_best, sums = (ckpt[k] for k in ('epoch', 'step_in_epoch', 'best_metric',
