@@ -112,7 +112,7 @@ if ckpt:
     if conflicts:
         raise UserError(f"{resume_path}: the architecture comes from the checkpoint, but the config sets "
                         f"{', '.join(conflicts)}; drop those overrides or start from scratch")
-net = audio_model(**model_args).to(device)
+net = audio_model(**model_args).to(device, memory_format=torch.channels_last)  # NHWC convs: faster on CPU
 opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
 loss_weights = torch.tensor(class_weights, dtype=torch.float32, device=device)
 sampler = WindowSampler(len(splits['train']), batch_size, seed, rank, world_size)
