@@ -21,6 +21,7 @@ A campaign config is plain Python setting the keys below; `runs` is a list of di
               best validation metric in its scalars.csv (validation only: test never selects anything)
 Names in a campaign config that start with '_' are the config's own helpers, not keys.
 """
+import ast
 import json
 import os
 import shlex
@@ -63,7 +64,7 @@ def script_defaults(script):
     """The globals a script hands to configure(): its source above `config = configure(globals())`, executed once.
     Running the script's own prefix (imports and defaults) rather than parsing its defaults is what makes the
     predicted config, and so the config hash, the one the script will compute itself."""
-    path = script_path(script)
+    path = os.path.abspath(script_path(script))
     if path not in _defaults_cache:
         with open(path) as f:
             source = f.read()
@@ -85,10 +86,21 @@ def fill(value, seed):
     return value
 
 
+def arg_text(value):
+    """The text after --key= that configure() reads back as `value`: a plain string as typed when it is not itself
+    a Python literal (--device=cpu), else the literal (--alpha=0.3, --dataset='123')."""
+    if isinstance(value, str):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return repr(value)
+
+
 def script_args(run, seed, overrides):
     """The script's command-line arguments, without init_from/overwrite: config file, then --key=value."""
     values = {**{k: fill(v, seed) for k, v in overrides.items()}, 'seed': seed, 'out_dir': out_dir_of(run, seed)}
-    return ([run['config']] if run.get('config') else []) + [f"--{k}={v!r}" for k, v in values.items()]
+    return ([run['config']] if run.get('config') else []) + [f"--{k}={arg_text(v)}" for k, v in values.items()]
 
 
 def predict_config(run, seed, overrides):
@@ -123,7 +135,8 @@ def check_campaign():
         defaults = script_defaults(run['script'])
         missing = [k for k in SET_BY_SWEEP if k not in defaults]
         if missing:
-            raise UserError(f"campaign run '{run['name']}': {run['script']} has no key(s) {missing}, which the sweep sets")
+            raise UserError(f"campaign run '{run['name']}': {run['script']} has no key(s) {missing}, which the sweep "
+                            f"sets")
         clash = [k for k in run.get('overrides', {}) if k in SET_BY_SWEEP]
         if clash:
             raise UserError(f"campaign run '{run['name']}': overrides set {clash}; the sweep sets those itself")
@@ -284,21 +297,27 @@ def sbatch_line(plan):
 # -----------------------------------------------------------------------------
 # the campaign: check everything, then each run in order, seeds inside
 # -----------------------------------------------------------------------------
-if __name__ == '__main__':
-    check_campaign()
+
+def print_plan():
+    """--dry_run / --sbatch: each run's decision now; later phases show 'wait' until their inputs have finished."""
     by_name = {run['name']: run for run in runs}
-    todo = [(run, seed) for run in runs for seed in seeds]
-    if dry_run or sbatch:  # later phases show 'wait' until the runs they depend on have finished
-        for run, seed in todo:
+    for run in runs:
+        for seed in seeds:
             plan = decide(run, seed, by_name)
             if sbatch:
                 print(sbatch_line(plan))
             else:
                 print(f"{plan['name']} seed {seed} | {plan['action']} | {plan['out_dir']} | {plan['reason']}")
-        sys.exit(0)
+
+
+def run_campaign():
+    """Every run, one at a time, each decided just before it starts (earlier runs may have changed its inputs).
+    Returns [(plan, result)]; a failed run is recorded and the next one starts unless stop_on_error."""
+    by_name = {run['name']: run for run in runs}
+    todo = [(run, seed) for run in runs for seed in seeds]
     summary = []
     for i, (run, seed) in enumerate(todo):
-        plan = decide(run, seed, by_name)  # decided just before running: earlier runs may have changed its inputs
+        plan = decide(run, seed, by_name)
         print(f"sweep {i + 1}/{len(todo)} | {plan['name']} seed {seed} | {plan['action']} | {plan['reason']}",
               flush=True)
         if plan['action'] in ('skip', 'wait'):
@@ -314,6 +333,15 @@ if __name__ == '__main__':
             print(f"sweep | stopping: {plan['name']} seed {seed} failed (exit {result['returncode']}) and "
                   f"stop_on_error=True", flush=True)
             break
+    return summary
+
+
+if __name__ == '__main__':
+    check_campaign()
+    if dry_run or sbatch:
+        print_plan()
+        sys.exit(0)
+    summary = run_campaign()
     counts = {}
     for _, result in summary:
         counts[result['status']] = counts.get(result['status'], 0) + 1
