@@ -5,11 +5,13 @@ run interleaved in one process (round-robin over the variants) and reported as m
     python bench.py slm                 # matmul peak, training ms/iter + MFU per variant, KV-cache sampling
     python bench.py slm --rounds=10     # more rounds for a quieter median
     python bench.py spoter              # clips/s at batch 1 vs the default batch, data-work share
+    python bench.py audio               # log-mel + cache clips/s, DataLoader reads, samples/s per model
 """
 import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -181,6 +183,79 @@ def bench_spoter(n_clips=256, batch_size=32):
     print(f"data work (augment + normalize) at batch {batch_size}: "
           f"{100 * times['data work only'] / times['padded']:.1f}% of a padded training step")
 
+# -----------------------------------------------------------------------------
+# audio: feature extraction + cache write (clips/s, one thread), shuffled cache reads through the DataLoader,
+# training samples/s per model, and the data-loading share of a TinyCNN step with the default workers
+# -----------------------------------------------------------------------------
+
+def bench_audio(n_clips=512, batch_size=64):
+    import os
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, build_audio_cache, sleep_sound
+    from model import audio_model
+    rng = np.random.default_rng(0)
+    length = int(AUDIO_FEATURES['sample_rate'] * AUDIO_FEATURES['clip_seconds'])
+    kinds = rng.choice(3, n_clips, p=[0.55, 0.35, 0.10])  # the built-in sounds, each tiled to a full 5 s clip
+    waves = [np.resize(sleep_sound(('quiet', 'breathe', 'snore')[k], rng), length) for k in kinds]
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, 'train.h5')
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    build_audio_cache(path, list(zip(waves, kinds.tolist())), AUDIO_FEATURES, {}, AUDIO_FEATURES['sample_rate'],
+                      log=lambda *a: None)
+    extract_s = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    print(f"\n## audio: {n_clips} clips of {AUDIO_FEATURES['clip_seconds']} s, device {device}, {threads} threads")
+    print(f"feature extraction + HDF5 cache write, one thread: {n_clips / extract_s:.0f} clips/s "
+          f"({1000 * extract_s / n_clips:.2f} ms per clip)")
+
+    dataset = SpectrogramCache(path)
+    workers = AUDIO_RECIPE['num_workers']
+    sampler = WindowSampler(n_clips, batch_size, seed=0)
+
+    class Batches:  # endless shuffled batches, as train_audio.py draws them
+        def __iter__(self):
+            while True:
+                yield sampler.next().tolist()
+    worker_counts = sorted({0, 1, workers})
+    loaders = {w: iter(DataLoader(dataset, batch_sampler=Batches(), num_workers=w, persistent_workers=w > 0))
+               for w in worker_counts}
+    read = interleaved({w: (lambda it=it: next(it)) for w, it in loaders.items()}, steps_per_round)
+    for w, seconds in read.items():
+        print(f"shuffled cache reads through the DataLoader, {w} workers: {batch_size / seconds:.0f} samples/s")
+
+    x_cpu, y_cpu = next(loaders[0])
+    steps, tiny = {}, None
+    for name in ('tinycnn', 'tinycnn_cbam', 'crnn'):
+        for layout in ('channels_last', 'contiguous')[:1 if name == 'crnn' else 2]:
+            fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+            net = audio_model(name, cbam_kernel=3).to(device, memory_format=fmt)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
+            weights = torch.tensor(AUDIO_RECIPE['class_weights'], device=device)
+
+            def step(x, y, net=net, opt=opt, weights=weights):
+                F.cross_entropy(net(x.to(device)), y.to(device), weight=weights).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            steps[f'{name} ({layout})'] = lambda step=step: step(x_cpu, y_cpu)
+            tiny = tiny or step
+    for w, it in loaders.items():  # a train_audio.py step: the next batch from the loader, then the step
+        steps[f'tinycnn + DataLoader, {w} workers'] = lambda it=it: tiny(*next(it))
+    train = interleaved(steps, steps_per_round)
+    for name, seconds in train.items():
+        print(f"training {name}: {batch_size / seconds:.0f} samples/s ({1000 * seconds:.0f} ms per step of "
+              f"{batch_size})")
+    for name in ('tinycnn', 'tinycnn_cbam'):
+        print(f"{name}: channels-last is {train[f'{name} (contiguous)'] / train[f'{name} (channels_last)']:.2f}x "
+              f"as fast as the default layout")
+    alone = train['tinycnn (channels_last)']
+    for w in loaders:  # waiting for batches plus the CPU the workers take from the step, as a share of the step
+        share = max(0.0, 1 - alone / train[f'tinycnn + DataLoader, {w} workers'])
+        print(f"data-loading share of a TinyCNN step, {w} workers: {100 * share:.1f}%")
+
 
 for section in sections:
-    {'slm': bench_slm, 'spoter': bench_spoter}[section]()
+    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio}[section]()

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 SCHEMA_VERSION = 1
 # keys that only say where/how often to write; they never change a result, so they stay out of config_hash
-HASH_EXCLUDED_KEYS = {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval', 'eval_only'}
+HASH_EXCLUDED_KEYS = {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval', 'eval_only', 'num_workers',
+                      'cache_dir'}  # where things go and how fast, never what a run computes
 CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
 
 

@@ -37,7 +37,7 @@ overwrite = False  # allow init_from='scratch' into an out_dir that already hold
 manifest = ''  # CSV with a path column and a label column ('label', 'event_label' or 'class'), optional 'split'
 audio_root = ''  # folder the manifest's paths are relative to ('' = the manifest's folder)
 data = ''  # .npz/.h5 of raw waveforms: 'waveforms' (N, L), 'labels' (N,), optional 'lengths', 'split', 'sample_rate'
-builtin_clips = 1500  # clips of the built-in procedural sleep sounds (55/35/10 %, split 70/15/15 %)
+builtin_clips = 3000  # clips of the built-in procedural sleep sounds (55/35/10 %, split 70/15/15 %)
 cache_dir = 'cache'  # the HDF5 feature caches live in cache_dir/audio/<source>/<split>.h5
 label_map = AUDIO_RECIPE['label_map']  # label name (or DreamCatcher id) -> class; other DreamCatcher labels dropped
 # features (seed 001, librosa's definition); a cache built with other values is rebuilt
@@ -51,7 +51,8 @@ fmin = AUDIO_FEATURES['fmin']  # lowest mel edge (Hz)
 fmax = AUDIO_FEATURES['fmax']  # highest mel edge (Hz)
 top_db = AUDIO_FEATURES['top_db']  # dB floor below each clip's maximum
 input_norm = AUDIO_RECIPE['input_norm']  # 'train_stats' (standardise by the train cache's mean/std) | 'none' (upstream)
-num_workers = AUDIO_RECIPE['num_workers']  # DataLoader worker processes (each opens the cache lazily)
+num_workers = AUDIO_RECIPE['num_workers'] if (os.cpu_count() or 1) >= 8 else 0  # DataLoader workers (seed 001: 4;
+# on a small CPU they take the training step's cores: bench.py audio); each opens the cache lazily
 # model
 model = 'tinycnn'  # 'crnn' | 'tinycnn' | 'tinycnn_cbam'
 cbam_reduction = 8  # CBAM channel-MLP reduction r (tinycnn_cbam)
