@@ -1326,3 +1326,17 @@ def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
     write_atomic(manifest, ('\n'.join(rows) + '\n').encode())
     write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=_file_sha256(manifest))).encode())  # last
     return manifest
+
+
+if __name__ == '__main__':  # the preprocessing step alone: python data.py audio --manifest=labels.csv --splits=train
+    from common import configure
+    if sys.argv[1:2] != ['audio']:
+        raise SystemExit("usage: python data.py audio (--manifest=labels.csv [--audio_root=wavs/] | --data=waves.npz) "
+                         "[--splits=train,val,test] [--skip_existing=True] [--cache_dir=cache] [--n_mels=64 ...]")
+    keys = dict(manifest='', audio_root='', data='', cache_dir='cache', splits='train,val,test', skip_existing=True,
+                label_map=AUDIO_RECIPE['label_map'], **AUDIO_FEATURES)
+    args = configure(keys, sys.argv[2:])
+    paths, left_out = prepare_audio_cache(args['cache_dir'], {k: args[k] for k in AUDIO_FEATURES}, args['label_map'],
+                                          args['manifest'], args['audio_root'], args['data'],
+                                          args['splits'].split(','), args['skip_existing'])
+    print(f"{left_out} clips of classes outside label_map left out; caches: {paths}")

@@ -277,3 +277,13 @@ def test_dataset_opens_lazily_and_workers_read_the_same(tmp_path, sounds):
                                                          persistent_workers=workers > 0)
     serial, parallel = list(loader(0)), list(loader(2))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, parallel))
+
+
+def test_preprocess_entry_point_builds_only_the_splits_asked(tmp_path, sounds):
+    args = [sys.executable, str(ROOT / 'data.py'), 'audio', f'--manifest={sounds}', '--splits=train',
+            '--clip_seconds=0.5', f'--cache_dir={tmp_path}']
+    first = subprocess.run(args, env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and 'building' in first.stdout, first.stderr
+    assert [p.name for p in tmp_path.rglob('*.h5')] == ['train.h5']
+    again = subprocess.run(args + ['--skip_existing=True'], env=SCRIPT_ENV, capture_output=True, text=True, timeout=120)
+    assert 'up to date' in again.stdout and 'building' not in again.stdout
