@@ -123,3 +123,12 @@ def test_bad_inputs_are_clear_and_destroy_nothing(tmp_path, sounds):
         proc = audio(tmp_path, *sounds, *extra, *overwrite, '--out_dir=out/kept', check=False)
         assert proc.returncode == 2 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / 'out' / 'kept').iterdir()} == kept
+
+
+def test_torchrun_two_processes(tmp_path, sounds):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(ROOT / 'train_audio.py'), *TINY, *sounds, '--max_epochs=1', '--out_dir=out/ddp']
+    proc = subprocess.run(cmd, cwd=tmp_path, env=SCRIPT_ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads((tmp_path / 'out' / 'ddp' / 'config.json').read_text())
+    assert facts['world_size'] == 2 and events(tmp_path / 'out' / 'ddp')[-1]['reason'] == 'done'
