@@ -3,6 +3,7 @@ Every data format the scripts read, and the built-in data they fall back on. One
 Prepared data goes to cache/, keyed by a hash of what produced it, written atomically.
 """
 import ast
+import contextlib
 import csv
 import functools
 import glob
@@ -355,6 +356,19 @@ def _file_sha256(path):
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def replaced_when_done(path, tmp):
+    """Write to tmp inside the block; on success tmp is renamed over path, on any failure (or kill signal turned
+    exception) it is removed, so path only ever holds a complete file and the previous one survives a failure."""
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _pose_cache_problem(h5_path, sha256=None):
     """Why an HDF5 pose cache cannot be used (None if it can): unreadable, incomplete, stale or inconsistent."""
     try:
@@ -387,18 +401,12 @@ def pose_cache(csv_path, cache_dir):
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
     os.makedirs(os.path.dirname(h5_path), exist_ok=True)
     tmp = f'{h5_path}.tmp{os.getpid()}'  # per-process name: DDP ranks preparing at once never share a file
-    try:
-        with h5py.File(tmp, 'w') as f:
-            f.create_dataset('frames', data=np.concatenate(clips).astype(np.float32))  # (total_frames, 54, 2)
-            f.create_dataset('offsets', data=offsets)  # clip i = frames[offsets[i]:offsets[i+1]]
-            f.create_dataset('labels', data=labels)
-            f.attrs.update(source=os.path.abspath(csv_path), sha256=sha, skipped=skipped)
-            f.attrs['complete'] = True  # last: a file without it was interrupted
-        os.replace(tmp, h5_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
+        f.create_dataset('frames', data=np.concatenate(clips).astype(np.float32))  # (total_frames, 54, 2)
+        f.create_dataset('offsets', data=offsets)  # clip i = frames[offsets[i]:offsets[i+1]]
+        f.create_dataset('labels', data=labels)
+        f.attrs.update(source=os.path.abspath(csv_path), sha256=sha, skipped=skipped)
+        f.attrs['complete'] = True  # last: a file without it was interrupted
     return h5_path
 
 
@@ -1146,7 +1154,7 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
     tmp, threads = f'{h5_path}.tmp', torch.get_num_threads()
     torch.set_num_threads(1)  # one clip at a time is fastest on one thread (batched STFTs are slower on CPU)
     try:
-        with h5py.File(tmp, 'w') as f:
+        with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
             out = f.create_dataset('features', (0, features['n_mels'], frames), 'f4', chunks=(1, features['n_mels'],
                                    frames), maxshape=(None, features['n_mels'], frames))
             kept, skipped, total, total_sq, batch = [], 0, 0.0, 0.0, []
@@ -1173,11 +1181,6 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
             f.attrs.update(n_samples=len(kept), skipped=skipped, mean=mean,
                            std=math.sqrt(max(total_sq / count - mean * mean, 1e-12)), **attrs)
             f.attrs['complete'] = True  # last: a file without it was interrupted
-        os.replace(tmp, h5_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     finally:
         torch.set_num_threads(threads)
     log(f"cache {h5_path}: {len(kept):,} clips written, {skipped} empty/non-finite clips skipped")
