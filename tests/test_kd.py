@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import sweep
 from common import configure
@@ -170,3 +170,18 @@ def test_the_shared_defaults_of_train_audio_and_train_kd_never_drift():
     assert set(AUDIO_FEATURES) | set(AUDIO_RECIPE) <= shared  # seed 001's recipe: in both scripts
     assert {k: audio[k] for k in shared - {'out_dir'}} == {k: distil[k] for k in shared - {'out_dir'}}
     assert {k: audio[k] for k in AUDIO_FEATURES} == AUDIO_FEATURES
+
+
+@pytest.mark.parametrize('campaign', ['campaign_audio', 'campaign_audio_quick'])
+def test_campaign_configs_use_the_real_keys_and_kd_gets_the_teachers_features(campaign, monkeypatch):
+    plan = {}
+    exec((ROOT / 'config' / f'{campaign}.py').read_text(), plan)
+    for key in ('runs', 'seeds', 'out_root'):
+        monkeypatch.setattr(sweep, key, plan[key])
+    sweep.check_campaign()  # every run's overrides pass its script's configurator (unknown keys are errors)
+    runs = {run['name']: run for run in plan['runs']}
+    teacher = sweep.predict_config(runs['crnn'], 42, runs['crnn']['overrides'])
+    for name in ('kd_tinycnn_a0.0', 'kd_tinycnn_cbam_a0.9_T3'):
+        student = sweep.predict_config(runs[name], 42, runs[name]['overrides'])
+        assert {k: student[k] for k in AUDIO_FEATURES} == {k: teacher[k] for k in AUDIO_FEATURES}
+        assert student['teacher_ckpt'] == f"{plan['out_root']}/crnn/seed42/best.pt"
