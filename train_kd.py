@@ -365,8 +365,8 @@ while epoch < max_epochs and since_best < patience:
     run.event('eval', epoch=epoch, **metrics)
     checkpoint(['last.pt'] + (['best.pt'] if improved else []), metrics)
     if epoch % log_interval == 0 or epoch == max_epochs or since_best == patience:
-        run.print(f"epoch {epoch} | loss {train_loss:.4f} | kd {metrics['train/kd']:.4f} | ce {metrics['train/ce']:.4f} "
-                  f"| val loss {metrics.get('val/loss', float('nan')):.4f} | "
+        run.print(f"epoch {epoch} | loss {train_loss:.4f} | kd {metrics['train/kd']:.4f} | "
+                  f"ce {metrics['train/ce']:.4f} | val loss {metrics.get('val/loss', float('nan')):.4f} | "
                   f"val acc {metrics.get('val/acc', float('nan')):.4f} | val f1 {metrics['val/macro_f1']:.4f} | "
                   f"{1000 * epoch_s:.0f}ms | {seen * world_size / epoch_s:.1f} samples/s | "
                   f"data {100 * data_s / epoch_s:.0f}%")
