@@ -6,6 +6,7 @@ run interleaved in one process (round-robin over the variants) and reported as m
     python bench.py slm --rounds=10     # more rounds for a quieter median
     python bench.py spoter              # clips/s at batch 1 vs the default batch, data-work share
     python bench.py audio               # log-mel + cache clips/s, DataLoader reads, samples/s per model
+    python bench.py kd                  # a KD epoch with cached teacher logits vs a live teacher vs the student alone
 """
 import statistics
 import sys
@@ -257,5 +258,59 @@ def bench_audio(n_clips=512, batch_size=64):
         print(f"data-loading share of a TinyCNN step, {w} workers: {100 * share:.1f}%")
 
 
+# -----------------------------------------------------------------------------
+# kd: train_kd.py's step with the teacher-logits cache vs a live teacher forward vs train_audio.py's student step
+# -----------------------------------------------------------------------------
+
+def bench_kd(n_clips=512):
+    from data import AUDIO_FEATURES, AUDIO_RECIPE, WindowSampler
+    from model import audio_model, kd_loss
+    batch_size, n_mels = AUDIO_RECIPE['batch_size'], AUDIO_FEATURES['n_mels']
+    frames = 1 + round(AUDIO_FEATURES['clip_seconds'] * AUDIO_FEATURES['sample_rate']) // AUDIO_FEATURES['hop_length']
+    clips = torch.randn(n_clips, 1, n_mels, frames)  # standardised log-mels of 5 s clips, (N, 1, 64, 501)
+    labels = torch.randint(0, 3, (n_clips,))
+    weights = torch.tensor(AUDIO_RECIPE['class_weights'], device=device)
+    teacher = audio_model('crnn').to(device, memory_format=torch.channels_last).eval()
+
+    def teacher_logits(x):
+        with torch.no_grad():
+            return teacher(x)
+
+    t0 = time.perf_counter()  # the cache: one teacher pass over the split, paid once per (teacher, feature cache)
+    cached = torch.cat([teacher_logits(clips[i:i + batch_size].to(device)).cpu()
+                        for i in range(0, n_clips, batch_size)])  # (N, 3)
+    cache_s = time.perf_counter() - t0
+
+    def trainer(teacher_from):
+        """One training step on the next shuffled batch: CE only (None), or KD with 'cache' / 'live' teacher logits."""
+        student = audio_model('tinycnn').to(device, memory_format=torch.channels_last)
+        opt = torch.optim.Adam(student.parameters(), lr=AUDIO_RECIPE['learning_rate'])
+        sampler = WindowSampler(n_clips, batch_size, 0)
+
+        def step():
+            idx = torch.from_numpy(sampler.next())
+            x, y = clips[idx].to(device), labels[idx].to(device)
+            logits = student(x)
+            if teacher_from is None:
+                loss = F.cross_entropy(logits, y, weight=weights)
+            else:
+                z_t = cached[idx].to(device) if teacher_from == 'cache' else teacher_logits(x)
+                loss = kd_loss(logits, z_t, y, 0.6, 4.0, class_weights=weights)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    times = interleaved({'student alone (train_audio.py)': trainer(None), 'KD, cached teacher logits (train_kd.py)':
+                         trainer('cache'), 'KD, live teacher forward (upstream)': trainer('live')}, steps_per_round)
+    base = times['student alone (train_audio.py)']
+    print(f"\n## kd: CRNN teacher -> TinyCNN student, batch {batch_size} x 1 x {n_mels} x {frames}, fp32, device "
+          f"{device}, {torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
+    print("| variant | ms/step | epoch time vs student alone |\n|---|---|---|")
+    for name, dt in times.items():
+        print(f"| {name} | {1000 * dt:.0f} | {dt / base:.2f}x |")
+    print(f"teacher-logits cache of {n_clips} clips: {cache_s:.2f}s once = {cache_s / base:.1f} student steps "
+          f"(data loading, the same in every variant, is left out: with it every ratio is closer to 1)")
+
+
 for section in sections:
-    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio}[section]()
+    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio, 'kd': bench_kd}[section]()

@@ -1,0 +1,401 @@
+"""
+Distil a trained CRNN teacher (train_audio.py's best.pt) into a TinyCNN or TinyCNN-CBAM student (seed 001,
+Hinton et al. 2015): L = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE_w(z_s, y).
+This file is train_audio.py plus the teacher: `diff train_audio.py train_kd.py` is the whole method. The student is
+built, seeded and trained exactly as train_audio.py trains it, so alpha = 0 reproduces the student baseline bit for
+bit. The teacher's logits of every training clip are computed once (there is no augmentation, so they never
+change) and kept beside the feature cache, keyed by the teacher file's sha256: a KD epoch costs a student epoch.
+The gate (seed 001): refuse (exit 3) unless the teacher's best val macro-F1 beats the best student baseline's by
+gate_min_gap; both figures are read from the finished runs' end events.
+
+    python train_kd.py config/kd_tinycnn.py --teacher_ckpt=out/audio_crnn/best.pt --alpha=0.6 --temperature=4
+    python train_kd.py config/kd_tinycnn_cbam.py --cbam_reduction=8 --cbam_kernel=3 --alpha=0.9 --temperature=3
+    python train_kd.py config/kd_tinycnn.py --manifest=labels.csv --teacher_ckpt=out/crnn_real/best.pt
+    sbatch --requeue --gres=gpu:1 --wrap "python train_kd.py config/kd_tinycnn.py --manifest=... --init_from=auto"
+"""
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import h5py
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, StackDataset
+
+from common import (SCHEMA_VERSION, RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure,
+                    init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint,
+                    seed_everything, set_rng_state, write_atomic)
+from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, prepare_audio_cache, \
+    write_sleep_sounds
+from model import audio_model, confusion_matrix, kd_loss, macro_f1, per_class_scores
+
+# -----------------------------------------------------------------------------
+# default config: every knob, one per line (config files and --key=value override these)
+# -----------------------------------------------------------------------------
+out_dir = 'out/kd'  # run directory; fixed, so a requeued job finds its own checkpoint
+init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' (resume if out_dir/last.pt exists)
+overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+# data: exactly one of manifest / data, or neither for the built-in sounds
+manifest = ''  # CSV with a path column and a label column ('label', 'event_label' or 'class'), optional 'split'
+audio_root = ''  # folder the manifest's paths are relative to ('' = the manifest's folder)
+data = ''  # .npz/.h5 of raw waveforms: 'waveforms' (N, L), 'labels' (N,), optional 'lengths', 'split', 'sample_rate'
+builtin_clips = 3000  # clips of the built-in procedural sleep sounds (55/35/10 %, split 70/15/15 %)
+cache_dir = 'cache'  # the HDF5 feature caches live in cache_dir/audio/<source>/<split>.h5
+label_map = AUDIO_RECIPE['label_map']  # label name (or DreamCatcher id) -> class; other DreamCatcher labels dropped
+# features (seed 001, librosa's definition); a cache built with other values is rebuilt
+sample_rate = AUDIO_FEATURES['sample_rate']  # Hz; WAVs at other rates are resampled (FFT method)
+clip_seconds = AUDIO_FEATURES['clip_seconds']  # every clip zero-padded / cropped (head kept) to this length
+n_fft = AUDIO_FEATURES['n_fft']  # FFT size (samples)
+win_length = AUDIO_FEATURES['win_length']  # periodic Hann window (samples), zero-padded to n_fft
+hop_length = AUDIO_FEATURES['hop_length']  # samples between frames: 5.0 s -> 501 frames
+n_mels = AUDIO_FEATURES['n_mels']  # mel bands (Slaney scale and area normalisation)
+fmin = AUDIO_FEATURES['fmin']  # lowest mel edge (Hz)
+fmax = AUDIO_FEATURES['fmax']  # highest mel edge (Hz)
+top_db = AUDIO_FEATURES['top_db']  # dB floor below each clip's maximum
+input_norm = AUDIO_RECIPE['input_norm']  # 'train_stats' (standardise by the train cache's mean/std) | 'none' (upstream)
+num_workers = AUDIO_RECIPE['num_workers'] if (os.cpu_count() or 1) >= 8 else 0  # DataLoader workers (seed 001: 4;
+# on a small CPU they take the training step's cores: bench.py audio); each opens the cache lazily
+# model
+model = 'tinycnn'  # 'crnn' | 'tinycnn' | 'tinycnn_cbam'
+cbam_reduction = 8  # CBAM channel-MLP reduction r (tinycnn_cbam)
+cbam_kernel = 7  # CBAM spatial-attention kernel k (tinycnn_cbam)
+rnn_pool = 'last'  # crnn: 'last' GRU step (upstream; it lies in the padded tail) | 'mean' over steps
+# distillation (seed 001): the teacher's architecture, weights and input normalisation come from its checkpoint
+teacher_ckpt = 'out/audio_crnn/best.pt'  # the teacher: a train_audio.py checkpoint trained on the same features
+alpha = 0.6  # weight of the KD term; 1 - alpha on the class-weighted CE (0.0 = the student baseline exactly)
+temperature = 4.0  # softmax temperature T of both logit sets in the KD term (its gradient scaled back by T^2)
+gate = True  # refuse to run (exit 3) unless the teacher beats the best student baseline by gate_min_gap
+gate_min_gap = 0.03  # seed 001: teacher best val macro-F1 - best baseline's best val macro-F1 must be >= this
+gate_baselines = ['out/audio_tinycnn', 'out/audio_tinycnn_cbam']  # finished train_audio.py student run dirs
+# optimization (seed 001's recipe)
+batch_size = AUDIO_RECIPE['batch_size']  # clips per batch per process
+learning_rate = AUDIO_RECIPE['learning_rate']  # Adam, constant
+weight_decay = AUDIO_RECIPE['weight_decay']  # Adam's L2 weight decay
+class_weights = AUDIO_RECIPE['class_weights']  # cross-entropy weight per class (quiet, breathe, snore)
+max_epochs = AUDIO_RECIPE['max_epochs']  # upper bound on epochs
+patience = AUDIO_RECIPE['patience']  # stop after this many epochs without a strictly better val macro-F1
+grad_clip = 0.0  # clip the global gradient norm to this; 0.0 = off
+log_interval = 1  # print a line every this many epochs
+# system
+seed = AUDIO_RECIPE['seed']  # seed 001's seed
+device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+compile = False  # torch.compile the model
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+# setup: processes, device, seeds, what to start from
+ddp, rank, world_size, device = init_distributed(device)
+master = rank == 0
+dtype, autocast = autocast_context(device, dtype)
+n_classes = len(set(label_map.values()))
+if len(class_weights) != n_classes:
+    raise UserError(f"class_weights={class_weights}: expected {n_classes} weights, one per class of label_map")
+if input_norm not in ('train_stats', 'none'):
+    raise UserError(f"input_norm={input_norm!r}: expected 'train_stats' or 'none'")
+resume_path = resolve_init(init_from, out_dir, overwrite)
+ckpt = load_checkpoint(resume_path) if resume_path else None
+
+# the teacher: same classes, same features; built before the seed is set, so it cannot move the student's stream
+teacher = load_checkpoint(teacher_ckpt, required=('model_state_dict', 'model_args', 'args', 'input_stats'))
+if teacher['model_args'].get('n_classes') != n_classes:
+    raise UserError(f"teacher_ckpt {teacher_ckpt}: a {teacher['model_args'].get('n_classes')}-class model, but "
+                    f"label_map {label_map} has {n_classes} classes")
+differ = [f"{k}={config[k]!r} (teacher: {teacher['args'].get(k)!r})" for k in (*AUDIO_FEATURES, 'label_map')
+          if teacher['args'].get(k) != config[k]]
+if differ:
+    raise UserError(f"teacher_ckpt {teacher_ckpt}: the teacher was trained on other features; this run has "
+                    f"{', '.join(differ)}: set the teacher's values")
+try:
+    teacher_net = audio_model(**teacher['model_args'])
+    teacher_net.load_state_dict(teacher['model_state_dict'])
+except (TypeError, ValueError, RuntimeError) as e:
+    raise UserError(f"teacher_ckpt {teacher_ckpt}: not an audio model of model.py ({str(e)[:200]})") from None
+teacher_net = teacher_net.to(device, memory_format=torch.channels_last).eval()
+with open(teacher_ckpt, 'rb') as f:
+    teacher_sha = hashlib.sha256(f.read()).hexdigest()  # names the teacher-logits cache
+
+
+def best_val_f1(run_dir):
+    """A finished run's best val macro-F1: 'best_val_macro_f1' of the end event (reason 'done') in events.jsonl."""
+    path = os.path.join(run_dir, 'events.jsonl')
+    if not os.path.isfile(path):
+        raise UserError(f"gate: {path} not found: {run_dir} is not a run directory (train it first, or --gate=False)")
+    try:
+        with open(path) as f:
+            lifecycle = [e for e in map(json.loads, filter(str.strip, f)) if e.get('event') in ('start', 'end')]
+    except ValueError as e:
+        raise UserError(f"gate: {path}: not JSON lines ({e})") from None
+    if not lifecycle or lifecycle[-1]['event'] != 'end' or lifecycle[-1].get('reason') != 'done' or \
+            'best_val_macro_f1' not in lifecycle[-1]:
+        raise UserError(f"gate: {run_dir} has not finished (its last start/end event is not an end with reason "
+                        f"'done'): finish it (--init_from=auto) or use --gate=False")
+    return float(lifecycle[-1]['best_val_macro_f1'])
+
+
+# the gate (seed 001): distil only a teacher clearly better than every student baseline, else exit 3 (sweep: gated)
+if gate:
+    if not gate_baselines:
+        raise UserError("gate=True but gate_baselines is empty: list the student baseline run dirs, or --gate=False")
+    teacher_f1 = best_val_f1(os.path.dirname(teacher_ckpt) or '.')  # the teacher's run dir holds teacher_ckpt
+    baseline_f1 = {run_dir: best_val_f1(run_dir) for run_dir in gate_baselines}
+    best_baseline = max(baseline_f1, key=baseline_f1.get)
+    gap = teacher_f1 - baseline_f1[best_baseline]
+    gate_figures = dict(passed=gap >= gate_min_gap, teacher_val_macro_f1=teacher_f1, baseline=best_baseline,
+                        baseline_val_macro_f1=baseline_f1[best_baseline], gap=round(gap, 6), min_gap=gate_min_gap)
+    if not gate_figures['passed']:  # the gate event is the only thing written
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, 'events.jsonl'), 'a') as f:
+                f.write(json.dumps(dict(schema_version=SCHEMA_VERSION, event='gate', **gate_figures)) + '\n')
+        print(f"gate: teacher best val macro-F1 {teacher_f1:.4f} - best baseline's {baseline_f1[best_baseline]:.4f} "
+              f"({best_baseline}) = {gate_figures['gap']:.4f} < gate_min_gap {gate_min_gap}: not distilling "
+              f"(--gate=False overrides)", file=sys.stderr)
+        sys.exit(3)
+else:
+    gate_figures = dict(passed=None, reason='gate=False')
+seed_everything(seed + rank)
+
+# data: WAVs + manifest (or waveform arrays) -> one HDF5 cache of log-mel spectrograms per split (rank 0 builds)
+if not manifest and not data:
+    manifest = write_sleep_sounds(os.path.join(cache_dir, 'sleep_sounds'), builtin_clips, seed=0) if master else \
+        os.path.join(cache_dir, 'sleep_sounds', 'manifest.csv')
+features = {k: config[k] for k in AUDIO_FEATURES}
+if master:
+    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data)
+if ddp:
+    torch.distributed.barrier()  # the other ranks find rank 0's finished caches
+if not master:
+    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data,
+                                                log=lambda *a: None)
+splits = {name: SpectrogramCache(path) for name, path in cache_paths.items()}
+mean, std = (splits['train'].mean, splits['train'].std) if input_norm == 'train_stats' else (0.0, 1.0)
+loader_args = dict(num_workers=num_workers, pin_memory=device.startswith('cuda'), persistent_workers=num_workers > 0)
+
+# model (+ resume): the architecture comes from the checkpoint when there is one
+model_args = dict(model=model, n_classes=n_classes, cbam_reduction=cbam_reduction, cbam_kernel=cbam_kernel,
+                  rnn_pool=rnn_pool)
+if ckpt:
+    conflicts = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
+                 if model_args[k] != v]
+    if conflicts:
+        raise UserError(f"{resume_path}: the architecture comes from the checkpoint, but the config sets "
+                        f"{', '.join(conflicts)}; drop those overrides or start from scratch")
+net = audio_model(**model_args).to(device, memory_format=torch.channels_last)  # NHWC convs: faster on CPU
+opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+loss_weights = torch.tensor(class_weights, dtype=torch.float32, device=device)
+sampler = WindowSampler(len(splits['train']), batch_size, seed, rank, world_size)
+epoch, step_in_epoch, best_f1, since_best, sums = 0, 0, -1.0, 0, {}
+if ckpt:
+    net.load_state_dict(ckpt['model_state_dict'])
+    opt.load_state_dict(ckpt['optimizer_state_dict'])
+    for group in opt.param_groups:  # the optimizer state carries the old lr; the config (maybe changed) decides
+        group.update(lr=learning_rate, weight_decay=weight_decay)
+    states = ckpt['rng_state']
+    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    epoch, step_in_epoch, best_f1, since_best, sums = (ckpt[k] for k in ('epoch', 'step_in_epoch', 'best_metric',
+                                                                       'since_best', 'epoch_sums'))
+raw_model = net
+if compile:
+    net = torch.compile(net)
+if ddp:
+    net = DDP(net, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
+
+# run directory: rank 0 writes the facts
+run = RunDir(out_dir, config, resume=ckpt is not None, master=master, device=device, dtype=dtype,
+             world_size=world_size, data={'manifest': manifest, 'data': data, 'caches': cache_paths},
+             teacher={'ckpt': teacher_ckpt, 'sha256': teacher_sha, 'model_args': teacher['model_args']})
+n_params = sum(p.numel() for p in raw_model.parameters())
+teacher_params = sum(p.numel() for p in teacher_net.parameters())
+run.write_text('model.txt', f"{raw_model}\nparameters: {n_params:,}\nteacher ({teacher['model_args']['model']}, "
+               f"{teacher_ckpt}): {teacher_params:,} parameters\n")
+run.event('start', epoch=epoch, resumed_from=resume_path, config_hash=run.config_hash, parameters=n_params)
+run.event('gate', **gate_figures)
+for name, split in splits.items():
+    counts = torch.bincount(torch.from_numpy(split.labels), minlength=n_classes).tolist()
+    run.print(f"{name}: {len(split):,} clips | per class {counts} | {split.shape[0]}x{split.shape[1]} log-mel")
+run.print(f"{left_out:,} clips of DreamCatcher classes outside label_map left out | input_norm {input_norm} "
+          f"(mean {mean:.2f} dB, std {std:.2f} dB) | {model}: {n_params:,} parameters")
+if gate:
+    run.print(f"gate passed | teacher val f1 {teacher_f1:.4f} | best baseline val f1 {baseline_f1[best_baseline]:.4f} "
+              f"({best_baseline}) | gap {gate_figures['gap']:.4f} >= {gate_min_gap}")
+
+
+def teacher_logits(split):
+    """(N, n_classes) float32 logits of the teacher for a split's clips, in cache order: read from
+    <feature cache>.teacher_<key>.npy, key = sha256 of the teacher file's sha256 and the feature cache's identity,
+    or computed once (eval mode, no_grad, the teacher's own input normalisation) and written atomically."""
+    with h5py.File(cache_paths[split], 'r') as f:
+        identity = {k: str(f.attrs[k]) for k in ('feature_hash', 'dataset_hash', 'label_map', 'n_samples', 'source')}
+    key = hashlib.sha256(json.dumps(dict(identity, teacher=teacher_sha), sort_keys=True).encode()).hexdigest()[:16]
+    path = f"{cache_paths[split].removesuffix('.h5')}.teacher_{key}.npy"
+    if os.path.exists(path):
+        try:
+            logits = np.load(path, allow_pickle=False)
+            if logits.shape == (len(splits[split]), n_classes) and logits.dtype == np.float32 and \
+                    np.isfinite(logits).all():
+                return logits, path, 'reused'
+        except (OSError, ValueError):
+            pass  # truncated or foreign: recomputed, never trusted
+    t_mean, t_std, chunks = teacher['input_stats']['mean'], teacher['input_stats']['std'], []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the loader draws a seed: keep train_audio.py's stream
+        for x, _ in DataLoader(splits[split], batch_size=batch_size, **loader_args):
+            with autocast:
+                chunks.append(teacher_net((x.to(device) - t_mean) / t_std).float().cpu())
+    logits, buffer = torch.cat(chunks).numpy(), io.BytesIO()  # (N, n_classes)
+    np.save(buffer, logits)
+    write_atomic(path, buffer.getvalue())
+    return logits, path, 'computed'
+
+
+# the teacher's logits of every training clip, once: training never runs the teacher (rank 0 writes the cache)
+t_logits = time.time()
+if master:
+    train_logits, logits_path, how = teacher_logits('train')
+if ddp:
+    torch.distributed.barrier()
+if not master:
+    train_logits, logits_path, how = teacher_logits('train')
+run.print(f"teacher logits {logits_path}: {how} ({len(train_logits):,} train clips, {time.time() - t_logits:.1f}s) | "
+          f"teacher {teacher['model_args']['model']}: {teacher_params:,} parameters | alpha {alpha} | T {temperature}")
+
+
+class EpochBatches:
+    """The DataLoader's batch sampler: the rest of epoch `epoch` from the resumable WindowSampler. The loader
+    prefetches, so the sampler's own position runs ahead; (epoch, step_in_epoch) is the truth we checkpoint."""
+
+    def __iter__(self):
+        sampler.load_state_dict({'epoch': epoch, 'cursor': step_in_epoch * batch_size})
+        return (sampler.next().tolist() for _ in range(steps_per_epoch - step_in_epoch))
+
+
+@torch.no_grad()
+def evaluate(split):
+    """Loss, accuracy, macro-F1 and the confusion matrix of a whole split (eval mode, fixed order)."""
+    raw_model.eval()
+    loss, confusion = 0.0, torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    for x, y in DataLoader(splits[split], batch_size=batch_size, **loader_args):
+        x, y = (x.to(device) - mean) / std, y.to(device)
+        with autocast:
+            logits = raw_model(x).float()
+        loss += F.cross_entropy(logits, y, weight=loss_weights, reduction='sum').item()
+        confusion += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), n_classes)
+    raw_model.train()
+    weight_sum = (loss_weights.cpu() * confusion.sum(1)).sum().item()  # the weighted mean's denominator
+    return {f'{split}/loss': loss / weight_sum, f'{split}/acc': confusion.diagonal().sum().item() / confusion.sum().item(),
+            f'{split}/macro_f1': macro_f1(confusion)}, confusion
+
+
+def checkpoint(names, metrics):
+    rng = rng_states_all_ranks(ddp)
+    if master:
+        for name in names:
+            save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
+                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=opt.state_dict(),
+                            args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
+                            rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
+                            epoch_sums=sums, config_hash=run.config_hash)
+
+
+# -----------------------------------------------------------------------------
+# training loop: epochs of shuffled batches from the cache; val macro-F1 decides best.pt and early stopping
+# -----------------------------------------------------------------------------
+stop = StopSignal()
+steps_per_epoch = len(splits['train']) // (batch_size * world_size)  # the ragged tail differs every epoch
+train_loader = DataLoader(StackDataset(splits['train'], torch.from_numpy(train_logits)), batch_sampler=EpochBatches(),
+                          **loader_args)  # items: ((features, label), teacher logits)
+t_start, reason = time.time(), 'max_epochs'
+while epoch < max_epochs and since_best < patience:
+    t_epoch = time.time()
+    sums = sums or {'loss': 0.0, 'kd': 0.0, 'ce': 0.0, 'seen': 0, 'data_s': 0.0}  # carried through a pre-emption
+    batches = iter(train_loader)
+    while step_in_epoch < steps_per_epoch:
+        if all_ranks_any(stop.requested, ddp, device):  # pre-emption: save mid-epoch, exit 0, resume with 'auto'
+            break
+        t_data = time.time()
+        (x, y), z_teacher = next(batches)  # z_teacher: (B, n_classes) cached teacher logits of these clips
+        x, y = (x.to(device, non_blocking=True) - mean) / std, y.to(device, non_blocking=True)
+        z_teacher = z_teacher.to(device, non_blocking=True)
+        sums['data_s'] += time.time() - t_data
+        with autocast:
+            logits = net(x)
+            loss, kd, ce = kd_loss(logits.float(), z_teacher, y, alpha, temperature, class_weights=loss_weights)
+        if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
+            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
+            raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
+        loss.backward()
+        if grad_clip > 0.0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_in_epoch += 1
+        sums['loss'] += loss.item() * len(y)
+        sums['kd'] += kd.item() * len(y)
+        sums['ce'] += ce.item() * len(y)
+        sums['seen'] += len(y)
+    if step_in_epoch < steps_per_epoch:  # left the epoch early: a signal
+        checkpoint(['last.pt'], {})
+        run.event('end', epoch=epoch, reason='signal', best_val_macro_f1=best_f1)
+        run.print(f"signal received: saved {out_dir}/last.pt in epoch {epoch}; continue with --init_from=auto")
+        reason = 'signal'
+        break
+
+    # end of epoch: validation, scalars, checkpoints, early stopping (strict improvement of val macro-F1)
+    epoch_s = time.time() - t_epoch
+    epoch, step_in_epoch, train_loss, seen, data_s = epoch + 1, 0, sums['loss'] / sums['seen'], sums['seen'], \
+        sums['data_s']
+    metrics = {'train/loss': train_loss, 'train/kd': sums['kd'] / seen, 'train/ce': sums['ce'] / seen}
+    sums = {}
+    if master:
+        metrics.update(evaluate('val')[0])
+    if ddp:  # every rank must agree on early stopping
+        shared = torch.tensor([metrics.get('val/macro_f1', 0.0)], device=device)
+        torch.distributed.broadcast(shared, 0)
+        metrics['val/macro_f1'] = shared.item()
+    improved = metrics['val/macro_f1'] > best_f1
+    best_f1, since_best = (metrics['val/macro_f1'], 0) if improved else (best_f1, since_best + 1)
+    run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **metrics,
+                 'samples_per_s': round(seen * world_size / epoch_s, 1), 'data_share': round(data_s / epoch_s, 3)})
+    run.event('eval', epoch=epoch, **metrics)
+    checkpoint(['last.pt'] + (['best.pt'] if improved else []), metrics)
+    if epoch % log_interval == 0 or epoch == max_epochs or since_best == patience:
+        run.print(f"epoch {epoch} | loss {train_loss:.4f} | kd {metrics['train/kd']:.4f} | "
+                  f"ce {metrics['train/ce']:.4f} | val loss {metrics.get('val/loss', float('nan')):.4f} | "
+                  f"val acc {metrics.get('val/acc', float('nan')):.4f} | val f1 {metrics['val/macro_f1']:.4f} | "
+                  f"{1000 * epoch_s:.0f}ms | {seen * world_size / epoch_s:.1f} samples/s | "
+                  f"data {100 * data_s / epoch_s:.0f}%")
+    if since_best == patience:
+        reason = 'early_stop'
+        run.print(f"early stop: no better val macro-F1 than {best_f1:.4f} for {patience} epochs")
+
+# the test: best.pt's weights (selected on validation macro-F1, never on test)
+if reason != 'signal':
+    end = {'best_val_macro_f1': best_f1, 'epochs': epoch, 'stopped': reason,
+           'wall_time_s': round(time.time() - t_start, 1), 'parameters': n_params}
+    if master and 'test' in splits:
+        raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model_state_dict'])
+        test_metrics, confusion = evaluate('test')
+        precision, recall, f1 = per_class_scores(confusion)
+        names = {v: k for k, v in sorted(label_map.items(), key=lambda kv: kv[1])}  # class id -> a label name
+        rows = ['class,name,precision,recall,f1,support'] + [
+            f"{c},{names[c]},{precision[c]:.4f},{recall[c]:.4f},{f1[c]:.4f},{confusion[c].sum().item()}"
+            for c in range(n_classes)]
+        write_atomic(os.path.join(out_dir, 'test_per_class.csv'), ('\n'.join(rows) + '\n').encode())
+        lines = ['true\\pred,' + ','.join(names[c] for c in range(n_classes))]
+        lines += [f"{names[c]}," + ','.join(map(str, confusion[c].tolist())) for c in range(n_classes)]
+        write_atomic(os.path.join(out_dir, 'confusion_matrix.csv'), ('\n'.join(lines) + '\n').encode())
+        end.update(test_metrics, per_class={names[c]: {'precision': round(precision[c].item(), 4), 'recall':
+                                            round(recall[c].item(), 4), 'f1': round(f1[c].item(), 4)}
+                                            for c in range(n_classes)}, confusion=confusion.tolist())
+        run.print(f"test (best.pt) | acc {test_metrics['test/acc']:.4f} | macro_f1 {test_metrics['test/macro_f1']:.4f}"
+                  f" | per-class f1 {[round(v, 3) for v in f1.tolist()]}")
+    run.event('end', reason='done', **end)
+if ddp:
+    torch.distributed.destroy_process_group()
