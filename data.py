@@ -1140,7 +1140,7 @@ def _load_clip(source, array_rate, sample_rate):
 def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_size=128, log=print):
     """Log-mel spectrograms of items [(WAV path or waveform, class id)] into h5_path: 'features' (N, n_mels, T)
     float32 stored one sample per chunk, uncompressed (shuffled reads stay fast), 'labels' (N,), written in batches
-    to h5_path.tmp, closed, then renamed over h5_path: an interrupted build never leaves a readable partial file and
+    to h5_path.tmp<pid>, closed, then renamed over h5_path: an interrupted build never leaves a readable partial file and
     the previous cache stays until the new one is complete. Empty or non-finite clips are skipped and counted.
     The attributes (n_samples, train mean/std, attrs) go last, 'complete' the very last."""
     missing = [s for s, _ in items if isinstance(s, str) and not os.path.isfile(s)]
@@ -1151,7 +1151,7 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
                                          'fmax', 'top_db')}
     frames = 1 + length // features['hop_length']
     os.makedirs(os.path.dirname(h5_path) or '.', exist_ok=True)
-    tmp, threads = f'{h5_path}.tmp', torch.get_num_threads()
+    tmp, threads = f'{h5_path}.tmp{os.getpid()}', torch.get_num_threads()  # two processes never share a .tmp
     torch.set_num_threads(1)  # one clip at a time is fastest on one thread (batched STFTs are slower on CPU)
     try:
         with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
@@ -1191,7 +1191,8 @@ def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root=
     """The HDF5 feature cache of each split of a manifest (+ WAVs) or a waveform array file: {split: path}, and
     the number of clips whose DreamCatcher class the label_map leaves out. A split's cache is reused only while
     its attributes match the feature settings, the label map and the clips (paths, labels, file sizes or the
-    array bytes); otherwise (or with skip_existing=False) it is rebuilt."""
+    array bytes); otherwise (or with skip_existing=False) it is rebuilt. Each source and feature setting has its
+    own folder, so runs with other settings (a sweep over n_mels, say) neither rebuild nor read each other's."""
     ids = sorted(set(label_map.values()))
     if ids != list(range(len(ids))):
         raise UserError(f"label_map={label_map}: class ids must be 0..K-1, got {ids}")
@@ -1202,8 +1203,9 @@ def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root=
         by_split, left_out = read_audio_manifest(manifest, label_map, audio_root)
     else:
         by_split, left_out, array_rate = read_waveform_arrays(data, label_map)
-    folder = os.path.join(cache_dir, 'audio', hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:16])
     feature_hash = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
+    source_hash = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, 'audio', f'{source_hash}-{feature_hash}')  # runs with other settings never meet
     paths = {}
     for split in splits:
         if split not in by_split:

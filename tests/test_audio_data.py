@@ -206,11 +206,16 @@ def test_cache_layout_reuse_and_rebuild_on_other_settings(tmp_path, sounds):
     stamp = os.stat(paths['train']).st_mtime_ns
     prepare_audio_cache(str(tmp_path), SHORT, LABELS, manifest=sounds, log=messages.append)
     assert os.stat(paths['train']).st_mtime_ns == stamp and 'up to date' in messages[-1]  # reused
+    other, _ = prepare_audio_cache(str(tmp_path), dict(SHORT, n_mels=32), LABELS, manifest=sounds,
+                                   log=messages.append, splits=('train',))
+    assert other['train'] != paths['train'] and os.stat(paths['train']).st_mtime_ns == stamp  # its own folder
+    with h5py.File(other['train'], 'r') as f:
+        assert f['features'].shape[1] == 32
+    with h5py.File(other['train'], 'r+') as f:  # a cache whose attributes say other settings (copied, edited) ...
+        f.attrs['feature_hash'] = 'something else'
     prepare_audio_cache(str(tmp_path), dict(SHORT, n_mels=32), LABELS, manifest=sounds, log=messages.append,
                         splits=('train',))
-    assert any('feature_hash differs' in m for m in messages)  # detected by its attributes and rebuilt
-    with h5py.File(paths['train'], 'r') as f:
-        assert f['features'].shape[1] == 32
+    assert any('feature_hash differs' in m for m in messages)  # ... is detected by its attributes and rebuilt
     prepare_audio_cache(str(tmp_path), dict(SHORT, n_mels=32), LABELS, manifest=sounds, splits=('train',),
                         skip_existing=False, log=messages.append)
     assert 'skip_existing=False' in messages[-2]
@@ -232,7 +237,7 @@ def test_corrupt_cache_is_rebuilt_and_failed_build_keeps_the_old_file(tmp_path, 
     manifest.write_text(open(sounds).read() + f"{tmp_path / 'junk.wav'},quiet,val\n")
     with pytest.raises(UserError, match=r'junk\.wav: not a RIFF/WAVE file'):
         prepare_audio_cache(str(tmp_path), SHORT, LABELS, manifest=str(manifest), audio_root=root, splits=('val',))
-    assert open(paths['val'], 'rb').read() == good and not list(tmp_path.rglob('*.tmp'))  # the old cache is intact
+    assert open(paths['val'], 'rb').read() == good and not list(tmp_path.rglob('*.tmp*'))  # the old cache is intact
 
 
 def test_nan_and_empty_clips_are_skipped_and_counted(tmp_path):
@@ -253,12 +258,12 @@ def test_kill_mid_build_leaves_no_readable_partial(tmp_path):
             f" splits=('train',))")
     proc = subprocess.Popen([sys.executable, '-c', code], env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not list(tmp_path.rglob('train.h5.tmp')) and time.time() < deadline and proc.poll() is None:
+    while not list(tmp_path.rglob('train.h5.tmp*')) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(tmp_path.rglob('train.h5.tmp')) and not list(tmp_path.rglob('train.h5'))  # only the .tmp exists
+    assert list(tmp_path.rglob('train.h5.tmp*')) and not list(tmp_path.rglob('train.h5'))  # only the .tmp exists
     messages = []  # the next run never reads the .tmp: it builds a complete file (small now, to stay quick)
     np.savez(tmp_path / 'w.npz', waveforms=waves[:20], labels=np.zeros(20, np.int64), split=np.array(['train'] * 20))
     paths, _ = prepare_audio_cache(str(tmp_path), SHORT, LABELS, data=str(tmp_path / 'w.npz'), splits=('train',),

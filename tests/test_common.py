@@ -201,16 +201,13 @@ def test_configure_help_lists_keys_defaults_comments(g, capsys, flag):
 # -----------------------------------------------------------------------------
 
 BASE_CONFIG = dict(batch_size=16, learning_rate=3e-4, dataset='', hooks=['act_stats'], seed=1337, out_dir='out/a',
-                   init_from='scratch', overwrite=False, log_interval=10, eval_interval=200, eval_only=False)
-
-
-def test_hash_excluded_keys_constant():
-    assert common.HASH_EXCLUDED_KEYS == {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval',
-                                         'eval_only'}
+                   init_from='scratch', overwrite=False, log_interval=10, eval_interval=200, eval_only=False,
+                   num_workers=0, cache_dir='cache')
 
 
 @pytest.mark.parametrize('key, value', [('out_dir', 'out/b'), ('init_from', 'resume'), ('overwrite', True),
-                                        ('log_interval', 1), ('eval_interval', 5), ('eval_only', True)])
+                                        ('log_interval', 1), ('eval_interval', 5), ('eval_only', True),
+                                        ('num_workers', 4), ('cache_dir', '/scratch/cache')])
 def test_config_hash_ignores_io_keys(key, value):
     assert common.config_hash(dict(BASE_CONFIG, **{key: value})) == common.config_hash(BASE_CONFIG)
 
