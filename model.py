@@ -377,7 +377,7 @@ def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_
     if objective == 'beta':
         return recon + beta * kl
     if objective == 'capacity':
-        return recon + capacity_gamma * (kl - capacity).abs()
+        return recon + capacity_gamma * abs(kl - capacity)
     raise ValueError(f"objective={objective!r}: expected 'beta' or 'capacity'")
 
 
