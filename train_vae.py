@@ -35,7 +35,7 @@ eval_only = False  # write the figures and metrics of the init_from checkpoint (
 # data
 data = ''  # .npz (dSprites 'imgs' or 'grids') or .h5 of (N, H, W) class ids; '' = built-in data of dataset_kind
 dataset_kind = 'sprites'  # built-in data: 'sprites' (64x64, 2 classes, 5 known factors) | 'grids' (30x30, 10 colours)
-num_images = 20_000  # built-in: images generated (sprites: 0 = all 737,280); a file: a random subset (0 = all)
+num_images = 50_000  # built-in: images generated (sprites: 0 = all 737,280); a file: a random subset (0 = all)
 num_classes = 0  # C; 0 = one more than the largest class id in the data
 val_fraction = 0.05  # share of the images held out for val/loss, the metrics and best.pt
 cache_dir = 'cache'  # the built-in data is written here once, keyed by its generator settings
@@ -52,7 +52,7 @@ focal_gamma = 2.0  # focal loss exponent; 0 = cross-entropy
 use_class_weights = False  # weight each pixel's loss by its class's weight (mean pixel weight 1 over the data)
 class_weight_method = 'sqrt_inverse'  # 'inverse' N/(C n_c) | 'sqrt_inverse' its root | 'balanced' median-frequency
 # optimization
-max_epochs = 6  # training epochs
+max_epochs = 8  # training epochs
 quick_test = False  # seed 002's quick test: 5 epochs, whatever max_epochs says
 batch_size = 64  # images per step
 learning_rate = 5e-4  # Adam, constant (the usual 1e-4 needs ~5x the steps to reach the same MIG; README)
