@@ -880,6 +880,7 @@ def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0
 # -----------------------------------------------------------------------------
 import pickle  # noqa: E402  (dSprites' metadata is a pickled dict; read only from a file the user names)
 import struct  # noqa: E402
+import zipfile  # noqa: E402
 import zlib  # noqa: E402
 
 SPRITE_GENERATOR_VERSION = 1  # bump with any change to the sprite or grid drawing below (it keys the cache)
@@ -1012,7 +1013,7 @@ def load_vae_data(path, num_classes=0):
         images, factors, names = _read_arrays(path)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zlib.error, pickle.UnpicklingError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise UserError(f"data {path}: cannot read it as .npz or HDF5 ({type(e).__name__}: {e})") from None
     if images.ndim != 3 or images.shape[0] == 0:
         raise UserError(f"data {path}: the grid array has shape {images.shape}; expected (N, H, W) with N >= 1")
