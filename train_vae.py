@@ -119,6 +119,8 @@ opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
 epoch, step_in_epoch, iter_num, best_val_loss, history = 0, 0, 0, math.inf, {}
 if ckpt and not eval_only:
     opt.load_state_dict(ckpt['optimizer_state_dict'])
+    for group in opt.param_groups:  # the config's learning rate wins (the state dict carries the old one)
+        group['lr'] = learning_rate
     set_rng_state(ckpt['rng_state'])
     epoch, step_in_epoch, iter_num = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['iter_num']
     best_val_loss, history = ckpt['best_metric'], ckpt['epoch_sums']
