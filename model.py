@@ -406,7 +406,7 @@ def mig_per_factor(latent_means, factors, n_bins=20):
     (dSprites' colour) have no entropy and are left out. latent_means (N, D), factors (N, K) -> {k: gap}."""
     latent_means, factors = np.asarray(latent_means, dtype=np.float64), np.asarray(factors)
     if latent_means.shape[0] != factors.shape[0] or latent_means.shape[1] < 2:
-        raise ValueError(f"mig: latent_means {latent_means.shape} and factors {factors.shape}: need (N, D >= 2), (N, K)")
+        raise ValueError(f"mig: latent_means {latent_means.shape}, factors {factors.shape}: need (N, D >= 2), (N, K)")
     codes = _discretize(latent_means, n_bins)
     gaps = {}
     for k in range(factors.shape[1]):
