@@ -35,7 +35,7 @@ eval_only = False  # write the figures and metrics of the init_from checkpoint (
 # data
 data = ''  # .npz (dSprites 'imgs' or 'grids') or .h5 of (N, H, W) class ids; '' = built-in data of dataset_kind
 dataset_kind = 'sprites'  # built-in data: 'sprites' (64x64, 2 classes, 5 known factors) | 'grids' (30x30, 10 colours)
-num_images = 50_000  # built-in: images generated (sprites: 0 = all 737,280); a file: a random subset (0 = all)
+num_images = 50_000  # built-in: images made (sprites 0 = all 737,280, grids 0 = 10,000); a file: subset (0 = all)
 num_classes = 0  # C; 0 = one more than the largest class id in the data
 val_fraction = 0.05  # share of the images held out for val/loss, the metrics and best.pt
 cache_dir = 'cache'  # the built-in data is written here once, keyed by its generator settings
