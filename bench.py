@@ -7,6 +7,7 @@ run interleaved in one process (round-robin over the variants) and reported as m
     python bench.py spoter              # clips/s at batch 1 vs the default batch, data-work share
     python bench.py audio               # log-mel + cache clips/s, DataLoader reads, samples/s per model
     python bench.py kd                  # a KD epoch with cached teacher logits vs a live teacher vs the student alone
+    OMP_NUM_THREADS=1 python bench.py vae   # train_vae.py's step vs a plain Bernoulli beta-VAE, batch 64 of 64x64
 """
 import statistics
 import sys
@@ -312,5 +313,68 @@ def bench_kd(n_clips=512):
           f"(data loading, the same in every variant, is left out: with it every ratio is closer to 1)")
 
 
+# -----------------------------------------------------------------------------
+# vae: train_vae.py's step (categorical head, CE or focal + class weights) vs a plain Bernoulli beta-VAE
+# -----------------------------------------------------------------------------
+
+class PlainBetaVAE(torch.nn.Module):
+    """The reference: the same dSprites conv net on 1 input channel, 1 logit per pixel, BCE; nothing else."""
+
+    def __init__(self, latent_dim=10):
+        super().__init__()
+        nn = torch.nn
+        conv = lambda i, o: nn.Conv2d(i, o, 4, 2, 1)  # noqa: E731
+        deconv = lambda i, o: nn.ConvTranspose2d(i, o, 4, 2, 1)  # noqa: E731
+        self.encoder = nn.Sequential(conv(1, 32), nn.ReLU(), conv(32, 32), nn.ReLU(), conv(32, 64), nn.ReLU(),
+                                     conv(64, 64), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 256), nn.ReLU(),
+                                     nn.Linear(256, 2 * latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU(),
+                                     nn.Unflatten(1, (64, 4, 4)), deconv(64, 64), nn.ReLU(), deconv(64, 32), nn.ReLU(),
+                                     deconv(32, 32), nn.ReLU(), deconv(32, 1))
+
+    def loss(self, x, beta=4.0):
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        recon = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction='sum') / x.size(0)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum() / x.size(0)
+        return recon + beta * kl
+
+
+def bench_vae(batch_size=64):
+    from data import make_sprites
+    from model import BetaVAE, class_weights, focal_loss, kl_per_dim, vae_objective
+    images = torch.from_numpy(make_sprites(batch_size, seed=0)[0]).long().to(device)  # (B, 64, 64) ids 0/1
+    counts = torch.bincount(images.reshape(-1), minlength=2)
+
+    def trainer(model, loss_fn):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            loss_fn(model).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def ours(gamma, weight):
+        def loss_fn(model):
+            logits, mu, logvar = model(images)
+            recon = focal_loss(logits, images, gamma, weight).mean()
+            return vae_objective(recon, kl_per_dim(mu, logvar).sum(1).mean(), 'beta', 4.0)
+        return trainer(BetaVAE(2, class_frequencies=counts / counts.sum()).to(device), loss_fn)
+    plain = PlainBetaVAE().to(device)
+    binary = images[:, None].float()  # (B, 1, 64, 64)
+    variants = {'plain Bernoulli beta-VAE (BCE)': trainer(plain, lambda m: m.loss(binary)),
+                'BetaVAE, C=2, cross-entropy (default)': ours(0.0, None),
+                'BetaVAE, C=2, focal gamma 2 + class weights': ours(2.0, class_weights(counts, 'sqrt_inverse')
+                                                                    .to(device))}
+    times = interleaved(variants, steps_per_round)
+    print(f"\n## vae: fwd + bwd + Adam, batch {batch_size} of 64x64, device {device}, "
+          f"{torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
+    print("| variant | ms/step | images/s | vs plain |\n|---|---|---|---|")
+    base = times['plain Bernoulli beta-VAE (BCE)']
+    for name, dt in times.items():
+        print(f"| {name} | {1000 * dt:.1f} | {batch_size / dt:,.0f} | {dt / base:.2f}x |")
+
+
 for section in sections:
-    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio, 'kd': bench_kd}[section]()
+    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio, 'kd': bench_kd, 'vae': bench_vae}[section]()

@@ -12,11 +12,13 @@ import io
 import json
 import math
 import os
+import pickle
 import struct
 import sys
 import sysconfig
 import wave
 import zipfile
+import zlib
 
 import h5py
 import numpy as np
@@ -1331,6 +1333,211 @@ def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
     write_atomic(manifest, ('\n'.join(rows) + '\n').encode())
     write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=_file_sha256(manifest))).encode())  # last
     return manifest
+
+
+# -----------------------------------------------------------------------------
+# sprites and categorical grids (train_vae.py): dSprites-format npz, generic grid npz/HDF5, the procedural
+# dSprites-like generator with ground-truth factors, multi-colour grids, padding, and PNG pictures
+# -----------------------------------------------------------------------------
+SPRITE_GENERATOR_VERSION = 1  # bump with any change to the sprite or grid drawing below (it keys the cache)
+SPRITE_FACTOR_NAMES = ('color', 'shape', 'scale', 'orientation', 'posX', 'posY')
+SPRITE_FACTOR_SIZES = (1, 3, 6, 40, 32, 32)  # row-major, posY fastest: 737,280 images
+IMAGE_KEYS, FACTOR_KEYS = ('imgs', 'grids'), ('latents_classes', 'factors')
+
+
+def sprite_factor_values(classes):
+    """latents_classes (N, 6) -> latents_values (N, 6) as dSprites stores them: colour 1, shape 1..3, scale
+    0.5..1 (6 steps), orientation 0..2pi (40 steps, both ends included), posX and posY 0..1 (32 steps)."""
+    grids = [np.ones(1), np.arange(1.0, 4.0), np.linspace(0.5, 1, 6), np.linspace(0, 2 * np.pi, 40),
+             np.linspace(0, 1, 32), np.linspace(0, 1, 32)]
+    return np.stack([grids[k][classes[:, k]] for k in range(6)], 1)
+
+
+def render_sprites(classes, chunk=2048):
+    """Draw 64x64 binary sprites for latents_classes (N, 6). Centre 16 + 32 pos (pixels); pixel offsets (u, v)
+    from it are rotated by the orientation, then: square |u|,|v| <= 10s; ellipse (u/13s)^2 + (v/7.2s)^2 <= 1;
+    heart (X^2+Y^2-1)^3 - X^2 Y^3 <= 0, X = u/(19.5s/2.278), Y = -v/(16s/2.242) + 0.121."""
+    values = sprite_factor_values(classes)
+    pixel = np.arange(64) + 0.5  # pixel centres
+    out = np.zeros((len(classes), 64, 64), dtype=np.uint8)
+    for start in range(0, len(classes), chunk):
+        shape, s, angle, px, py = (values[start:start + chunk, k][:, None, None] for k in range(1, 6))
+        du = pixel[None, None, :] - (16 + 32 * px)  # (B, 1, 64): column offset
+        dv = pixel[None, :, None] - (16 + 32 * py)  # (B, 64, 1): row offset, pointing down
+        u = np.cos(angle) * du + np.sin(angle) * dv  # (B, 64, 64)
+        v = -np.sin(angle) * du + np.cos(angle) * dv
+        square = (np.abs(u) <= 10 * s) & (np.abs(v) <= 10 * s)
+        ellipse = (u / (13 * s)) ** 2 + (v / (7.2 * s)) ** 2 <= 1
+        X, Y = u / (19.5 * s / 2.278), -v / (16 * s / 2.242) + 0.121
+        heart = (X ** 2 + Y ** 2 - 1) ** 3 - X ** 2 * Y ** 3 <= 0
+        out[start:start + chunk] = np.where(shape == 1, square, np.where(shape == 2, ellipse, heart))
+    return out
+
+
+def make_sprites(n, seed=0):
+    """n sprites from the 737,280-point factor grid (n = 0: all of it, in dSprites' order; else a random subset
+    without repeats, in grid order). Returns (imgs (N, 64, 64) uint8 0/1, latents_classes (N, 6) int64)."""
+    total = int(np.prod(SPRITE_FACTOR_SIZES))
+    if not 0 <= n <= total:
+        raise UserError(f"num_images={n}: the sprite grid has {total:,} images (0 = all of them)")
+    index = np.arange(total) if n == 0 else np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    classes = np.stack(np.unravel_index(index, SPRITE_FACTOR_SIZES), 1).astype(np.int64)
+    return render_sprites(classes), classes
+
+
+def make_color_grids(n, seed=0, size=30, num_classes=10):
+    """ARC-style multi-colour grids: 1-4 filled rectangles (sides 2-8) of random colours 1..C-1 on background 0,
+    about 93% background. Returns (N, size, size) uint8."""
+    rng = np.random.default_rng(seed)
+    grids = np.zeros((n, size, size), dtype=np.uint8)
+    for grid in grids:
+        for _ in range(rng.integers(1, 5)):
+            h, w = rng.integers(2, 9, size=2)
+            r, c = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            grid[r:r + h, c:c + w] = rng.integers(1, num_classes)
+    return grids
+
+
+def _npz_bytes(**arrays):
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def write_dsprites_npz(path, imgs, latents_classes):
+    """The dSprites file layout: imgs, latents_classes, latents_values, metadata (a pickled dict); atomic."""
+    metadata = dict(latents_names=SPRITE_FACTOR_NAMES, latents_sizes=np.array(SPRITE_FACTOR_SIZES),
+                    description='procedural dSprites-like sprites (data.render_sprites)')
+    write_atomic(path, _npz_bytes(imgs=imgs, latents_classes=latents_classes,
+                                  latents_values=sprite_factor_values(latents_classes),
+                                  metadata=np.array(metadata, dtype=object)))
+
+
+def builtin_vae_data(kind, cache_dir, num_images, seed=0):
+    """Write the built-in data once into cache_dir/vae/<kind>_<hash>.npz (keyed by the generator's settings) and
+    return its path: 'sprites' as a dSprites npz, 'grids' as a grid npz. A cache that no longer loads is rebuilt."""
+    if kind not in ('sprites', 'grids'):
+        raise UserError(f"dataset_kind={kind!r}: expected 'sprites' or 'grids'")
+    recipe = dict(kind=kind, version=SPRITE_GENERATOR_VERSION, num_images=num_images, seed=seed)
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, 'vae', f'{kind}_{key}.npz')
+    if os.path.exists(path):
+        try:
+            load_vae_data(path)
+            return path
+        except UserError:
+            pass  # truncated or foreign: write it again (the name is ours)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if kind == 'sprites':
+        write_dsprites_npz(path, *make_sprites(num_images, seed))
+    else:
+        write_atomic(path, _npz_bytes(grids=make_color_grids(num_images or 10_000, seed)))
+    return path
+
+
+def _read_arrays(path):
+    """-> (images, factors or None, factor names or None) from an npz or HDF5 file, arrays as stored."""
+    if path.endswith(('.h5', '.hdf5')):
+        with h5py.File(path, 'r') as f:
+            names = [k for k in IMAGE_KEYS if k in f]
+            if not names:
+                raise UserError(f"{path}: no grid array; expected a dataset named one of {IMAGE_KEYS}, found {list(f)}")
+            factor_key = next((k for k in FACTOR_KEYS if k in f), None)
+            return f[names[0]][()], f[factor_key][()] if factor_key else None, None
+    with np.load(path, allow_pickle=False) as f:  # arrays only: nothing in them can run code
+        names = [k for k in IMAGE_KEYS if k in f.files]
+        if not names:
+            raise UserError(f"{path}: no grid array; expected an array named one of {IMAGE_KEYS}, found {f.files}")
+        factor_key = next((k for k in FACTOR_KEYS if k in f.files), None)
+        images, factors, has_meta = f[names[0]], f[factor_key] if factor_key else None, 'metadata' in f.files
+    factor_names = None
+    if has_meta:  # dSprites' metadata was pickled by Python 2: latin1 decodes its byte strings
+        with np.load(path, allow_pickle=True, encoding='latin1') as f:
+            metadata = f['metadata'][()]
+        if isinstance(metadata, dict) and 'latents_names' in metadata:
+            factor_names = [n.decode() if isinstance(n, bytes) else str(n) for n in metadata['latents_names']]
+    return images, factors, factor_names
+
+
+def load_vae_data(path, num_classes=0):
+    """Read categorical images: a dSprites npz (imgs, latents_classes, metadata) or a grid npz/HDF5 (`grids` or
+    `imgs` (N, H, W) integer class ids, optional `factors` (N, K) int). num_classes = 0: one more than the largest
+    id. Returns (images (N, H, W) uint8 or int64, factors (N, K) int64 or None, factor names, num_classes)."""
+    if not os.path.isfile(path):
+        raise UserError(f"data {path}: no such file (expected an .npz or .h5 of (N, H, W) class ids)")
+    try:
+        images, factors, names = _read_arrays(path)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise UserError(f"data {path}: cannot read it as .npz or HDF5 ({type(e).__name__}: {e})") from None
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise UserError(f"data {path}: the grid array has shape {images.shape}; expected (N, H, W) with N >= 1")
+    if images.dtype != bool and images.dtype.kind not in 'iu':
+        raise UserError(f"data {path}: the grid array has dtype {images.dtype}; expected integer class ids")
+    low, high = int(images.min()), int(images.max())
+    if low < 0:
+        raise UserError(f"data {path}: class id {low} is negative; expected ids in [0, num_classes)")
+    if num_classes and high >= num_classes:
+        raise UserError(f"data {path}: class id {high} >= num_classes={num_classes}; expected ids in "
+                        f"[0, {num_classes}) (raise num_classes, or 0 = from the data)")
+    num_classes = num_classes or max(high + 1, 2)
+    if factors is not None:
+        if factors.ndim != 2 or factors.shape[0] != images.shape[0] or factors.dtype.kind not in 'iu':
+            raise UserError(f"data {path}: factors have shape {factors.shape} and dtype {factors.dtype}; expected "
+                            f"({images.shape[0]}, K) integers, one row per image")
+        factors = factors.astype(np.int64)
+    images = images.astype(np.uint8 if num_classes <= 256 else np.int64, copy=False)
+    return images, factors, names, num_classes
+
+
+def pad_images(images):
+    """Pad (N, H, W) grids at the bottom/right with class 0 to the next square side the VAE takes (a multiple
+    of 16). Returns (padded (N, S, S), mask (S, S) float32: 1 on real pixels, 0 on padding)."""
+    n, h, w = images.shape
+    side = 16 * math.ceil(max(h, w) / 16)
+    mask = np.zeros((side, side), dtype=np.float32)
+    mask[:h, :w] = 1.0
+    if (h, w) == (side, side):
+        return images, mask
+    padded = np.zeros((n, side, side), dtype=images.dtype)
+    padded[:, :h, :w] = images
+    return padded, mask
+
+
+# pictures --------------------------------------------------------------------
+ARC_PALETTE = ['000000', '0074D9', 'FF4136', '2ECC40', 'FFDC00', 'AAAAAA', 'F012BE', 'FF851B', '7FDBFF', '870C25']
+
+
+def palette(num_classes):
+    """(C, 3) uint8: a fixed colour per class (the ARC colours for 0..9, then fixed pseudo-random colours)."""
+    colours = [[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in ARC_PALETTE]
+    extra = np.random.default_rng(0).integers(40, 256, size=(max(num_classes - 10, 0), 3)).tolist()
+    return np.array((colours + extra)[:num_classes], dtype=np.uint8)
+
+
+def tile_images(rows, colours, scale=2, gap=2):
+    """rows: list of lists of (H, W) class-id images -> one RGB picture (grey gaps between tiles), each pixel
+    scale x scale."""
+    h, w = rows[0][0].shape
+    n_cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + gap) + gap, n_cols * (w + gap) + gap, 3), 128, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = gap + i * (h + gap), gap + j * (w + gap)
+            out[top:top + h, left:left + w] = colours[image]
+    return out.repeat(scale, 0).repeat(scale, 1)
+
+
+def png_bytes(rgb):
+    """An (H, W, 3) uint8 array as a PNG file: 8-bit RGB, no filter, one zlib IDAT chunk (standard library)."""
+    h, w, _ = rgb.shape
+    raw = b''.join(b'\x00' + rgb[y].tobytes() for y in range(h))  # filter type 0 before each scanline
+
+    def chunk(kind, payload):
+        return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+    header = struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0)  # width, height, bit depth 8, colour type 2 (RGB)
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b'')
 
 
 if __name__ == '__main__':  # the preprocessing step alone: python data.py audio --manifest=labels.csv --splits=train

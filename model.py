@@ -4,6 +4,7 @@ Every model of the project and the loss it trains with, one banner per family.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -379,3 +380,164 @@ def per_class_scores(confusion):
 def macro_f1(confusion):
     """Mean over classes of the per-class F1 (every class counts equally, however rare)."""
     return per_class_scores(confusion)[2].mean().item()
+
+
+# -----------------------------------------------------------------------------
+# beta-VAE (train_vae.py): categorical pixels, the standard dSprites conv net (Higgins et al. 2017,
+# Burgess et al. 2018), reconstruction losses for class imbalance, and the MIG disentanglement metric
+# -----------------------------------------------------------------------------
+def _conv(c_in, c_out):
+    return nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)  # halves H and W
+
+
+def _deconv(c_in, c_out):
+    return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)  # doubles H and W
+
+
+class BetaVAE(nn.Module):
+    """Encoder: one-hot (C, S, S) -> conv 32-32-64-64 (4x4, stride 2, ReLU) -> 256 -> (mu, logvar), latent_dim
+    each. Decoder: z -> 256 -> 64 x S/16 x S/16 -> transposed convs 64-32-32-C -> C logits per pixel.
+    S (image_size) must be a multiple of 16; other grid sizes are padded by data.pad_images.
+    class_frequencies (C,): the output bias starts at their logs, so the first prediction is the class prior
+    instead of uniform (no early all-background plateau to climb out of)."""
+
+    def __init__(self, in_classes, image_size=64, latent_dim=10, hidden=256, class_frequencies=None):
+        super().__init__()
+        if image_size % 16 or image_size < 16:
+            raise ValueError(f"image_size={image_size}: expected a multiple of 16 (four stride-2 convolutions)")
+        self.in_classes, self.latent_dim, self.side = in_classes, latent_dim, image_size // 16
+        flat = 64 * self.side * self.side
+        self.encoder = nn.Sequential(_conv(in_classes, 32), nn.ReLU(), _conv(32, 32), nn.ReLU(), _conv(32, 64),
+                                     nn.ReLU(), _conv(64, 64), nn.ReLU(), nn.Flatten(), nn.Linear(flat, hidden),
+                                     nn.ReLU(), nn.Linear(hidden, 2 * latent_dim))
+        self.decoder_fc = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, flat), nn.ReLU())
+        self.decoder = nn.Sequential(_deconv(64, 64), nn.ReLU(), _deconv(64, 32), nn.ReLU(), _deconv(32, 32),
+                                     nn.ReLU(), _deconv(32, in_classes))
+        if class_frequencies is not None:
+            freq = torch.as_tensor(class_frequencies, dtype=torch.float32).clamp_min(1e-6)
+            with torch.no_grad():
+                self.decoder[-1].bias.copy_((freq / freq.sum()).log())
+
+    def encode(self, images):
+        """images (B, S, S) class ids -> mu, logvar (B, latent_dim) each."""
+        one_hot = torch.zeros(images.size(0), self.in_classes, *images.shape[1:], device=images.device)
+        one_hot.scatter_(1, images.unsqueeze(1), 1.0)  # (B, C, S, S)
+        return self.encoder(one_hot).chunk(2, dim=1)
+
+    def decode(self, z):
+        """z (B, latent_dim) -> logits (B, C, S, S)."""
+        h = self.decoder_fc(z).view(z.size(0), 64, self.side, self.side)  # (B, 64, S/16, S/16)
+        return self.decoder(h)
+
+    def forward(self, images):
+        """-> (logits (B, C, S, S), mu, logvar). Training: z ~ q(z|x) by reparameterisation; eval: z = mu."""
+        mu, logvar = self.encode(images)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+def kl_per_dim(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent: KL_j = 0.5 (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1), (B, D)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
+
+
+def focal_loss(logits, targets, gamma=0.0, weight=None, mask=None):
+    """Focal loss (Lin et al. 2017) summed over pixels, one value per image:
+    FL_b = sum_pixels m * w_y * (1 - p_t)^gamma * (-log p_t), p_t = softmax(logits)[y].
+    logits (B, C, H, W), targets (B, H, W) ids, weight (C,) or None, mask (B, H, W) 1 = real pixel or None.
+    gamma = 0 is cross-entropy. Summing (not averaging) over pixels is what fixes beta's scale."""
+    nll = F.cross_entropy(logits, targets, reduction='none')  # (B, H, W): -log p_t
+    if gamma:
+        nll = (1.0 - (-nll).exp()).pow(gamma) * nll  # the (1 - p_t)^gamma factor, from the same log p_t
+    if weight is not None:
+        nll = nll * weight[targets]  # per-pixel weight, summed (F.cross_entropy's 'mean' would divide by sum w)
+    if mask is not None:
+        nll = nll * mask
+    return nll.flatten(1).sum(1)  # (B,)
+
+
+def class_weights(counts, method):
+    """Per-class loss weights from pixel counts n_c (N = sum n_c, C classes, f_c = n_c / N):
+    'inverse'      w_c = N / (C n_c)          (sklearn's 'balanced'; 93% background -> ~123:1 for a 7% class)
+    'sqrt_inverse' w_c = sqrt(N / (C n_c))     (seed 002's smoothing: 123:1 -> ~11:1)
+    'balanced'     w_c = median_c(f_c) / f_c   (median-frequency balancing, Eigen & Fergus 2015)
+    Then all are scaled so the mean per-pixel weight over the data, sum_c f_c w_c, is 1: beta keeps its meaning.
+    A class with no pixels gets the largest weight of the others (it never occurs as a target in these data)."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("class_weights: every class count is zero")
+    total, n_classes = counts.sum(), len(counts)
+    freq = counts[present] / total
+    if method == 'inverse':
+        w = 1.0 / (n_classes * freq)
+    elif method == 'sqrt_inverse':
+        w = (1.0 / (n_classes * freq)).sqrt()
+    elif method == 'balanced':
+        w = freq.median() / freq
+    else:
+        raise ValueError(f"class_weight_method={method!r}: expected 'inverse', 'sqrt_inverse' or 'balanced'")
+    w = w / (freq * w).sum()  # mean per-pixel weight 1
+    weights = torch.full((n_classes,), float(w.max()), dtype=torch.float64)
+    weights[present] = w
+    return weights.float()
+
+
+def capacity_at(iter_num, capacity_max, capacity_stop_iter):
+    """Burgess et al. 2018: the KL target C rises linearly from 0 to capacity_max nats over capacity_stop_iter."""
+    return capacity_max * min(1.0, iter_num / max(capacity_stop_iter, 1))
+
+
+def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_gamma=1000.0):
+    """recon: reconstruction loss summed over pixels, mean over the batch; kl: KL summed over latents, mean over
+    the batch. 'beta': recon + beta * KL (Higgins et al. 2017). 'capacity': recon + gamma * |KL - C|."""
+    if objective == 'beta':
+        return recon + beta * kl
+    if objective == 'capacity':
+        return recon + capacity_gamma * abs(kl - capacity)
+    raise ValueError(f"objective={objective!r}: expected 'beta' or 'capacity'")
+
+
+# -----------------------------------------------------------------------------
+# metrics of disentanglement: MIG (Chen et al. 2018) as disentanglement_lib computes it
+# -----------------------------------------------------------------------------
+
+def _discretize(values, n_bins):
+    """Equal-width bins over [min, max] of each column -> bin ids 1..n_bins (disentanglement_lib's recipe)."""
+    return np.stack([np.digitize(v, np.histogram(v, n_bins)[1][:-1]) for v in values.T], 1)
+
+
+def discrete_mutual_info(a, b):
+    """I(a; b) in nats of two discrete variables (N,), from their joint histogram."""
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    joint = np.zeros((ia.max() + 1, ib.max() + 1))
+    np.add.at(joint, (ia, ib), 1.0)
+    joint /= len(a)
+    outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / outer[nz])).sum())
+
+
+def mig_per_factor(latent_means, factors, n_bins=20):
+    """Mutual Information Gap per factor (Chen et al. 2018): latents discretised into n_bins equal-width bins,
+    I(z_j; v_k) in nats, gap between the two most informative latents, divided by H(v_k). Factors with one value
+    (dSprites' colour) have no entropy and are left out. latent_means (N, D), factors (N, K) -> {k: gap}."""
+    latent_means, factors = np.asarray(latent_means, dtype=np.float64), np.asarray(factors)
+    if latent_means.shape[0] != factors.shape[0] or latent_means.shape[1] < 2:
+        raise ValueError(f"mig: latent_means {latent_means.shape}, factors {factors.shape}: need (N, D >= 2), (N, K)")
+    codes = _discretize(latent_means, n_bins)
+    gaps = {}
+    for k in range(factors.shape[1]):
+        entropy = discrete_mutual_info(factors[:, k], factors[:, k])
+        if entropy <= 0:
+            continue
+        info = sorted((discrete_mutual_info(codes[:, j], factors[:, k]) for j in range(codes.shape[1])), reverse=True)
+        gaps[k] = (info[0] - info[1]) / entropy
+    return gaps
+
+
+def mig(latent_means, factors, n_bins=20):
+    """MIG: the mean over non-constant factors of mig_per_factor (1 = each factor in one latent alone)."""
+    gaps = mig_per_factor(latent_means, factors, n_bins)
+    return float(np.mean(list(gaps.values()))) if gaps else float('nan')

@@ -1,0 +1,137 @@
+"""train_vae.py run as a user runs it, on tiny data in the real formats: figures and the [VISUALIZATION] line,
+scalars and the end event, eval_only, padded grids with class weights and capacity annealing, resume equivalence,
+and every bad-input path (clear message, exit 2, nothing in the existing run lost)."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+
+from data import make_color_grids, make_sprites, write_dsprites_npz
+
+TINY = ['--device=cpu', '--batch_size=32', '--mig_samples=300']
+
+
+def vae(cwd, *args, check=True):
+    return run_script('train_vae.py', *TINY, *args, cwd=cwd, check=check)
+
+
+def events(run_dir):
+    return [json.loads(line) for line in (run_dir / 'events.jsonl').read_text().splitlines()]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp('vae')
+    proc = vae(work, '--num_images=400', '--max_epochs=2', '--out_dir=out/run')
+    return work, work / 'out' / 'run', proc.stdout
+
+
+def test_smoke_run_writes_figures_scalars_and_mig(trained):
+    work, run_dir, stdout = trained
+    figures = run_dir / 'figures'
+    for name in ('reconstructions_epoch_1.png', 'reconstructions_epoch_2.png', 'reconstructions_best.png',
+                 'traversals_best.png'):
+        assert (figures / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert f"[VISUALIZATION] Saved: out/run/figures/{name}" in stdout
+    assert list(work.glob('cache/vae/sprites_*.npz'))  # the built-in sprites went through the dSprites loader
+    header = (run_dir / 'scalars.csv').read_text().splitlines()[0].split(',')
+    assert header[:6] == ['epoch', 'time_s', 'lr', 'train/loss', 'train/recon', 'train/kl']
+    assert {'val/loss', 'recon', 'kl', 'kl_dim_0', 'kl_dim_9', 'active_dims', 'pixel_acc', 'fg_iou',
+            'recall_0', 'recall_1'} <= set(header) and 'kl_dim_10' not in header
+    end = events(run_dir)[-1]
+    assert end['event'] == 'end' and end['epochs'] == 2 and 0.0 <= end['mig'] <= 1.0
+    assert set(end['mig_per_factor']) == {'shape', 'scale', 'orientation', 'posX', 'posY'}  # colour is constant
+    ckpt = torch.load(run_dir / 'last.pt', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['iter_num'] == 2 * (380 // 32) and ckpt['model_args']['in_classes'] == 2
+    last_eval = [e for e in events(run_dir) if e['event'] == 'eval'][-1]
+    kl_dims = [last_eval[f'kl_dim_{j}'] for j in range(10)]
+    assert np.isclose(sum(kl_dims), last_eval['kl'], rtol=1e-5)
+    assert last_eval['active_dims'] == sum(k > 0.05 for k in kl_dims)
+
+
+def test_eval_only_writes_figures_and_metrics_of_a_checkpoint(trained):
+    work, run_dir, _ = trained
+    before = digest(run_dir / 'best.pt')
+    proc = vae(work, '--num_images=400', '--out_dir=out/run', '--eval_only=True', '--init_from=best.pt')
+    assert '[VISUALIZATION] Saved: out/run/figures/traversals_eval.png' in proc.stdout
+    end = events(run_dir)[-1]
+    best = torch.load(run_dir / 'best.pt', weights_only=True)['metrics']
+    assert end['reason'] == 'eval_only' and end['fg_iou'] == best['fg_iou'] and end['kl'] == best['kl']
+    trained_end = [e for e in events(run_dir) if e['event'] == 'end' and e['reason'] == 'done'][-1]
+    assert end['mig'] == trained_end['mig']  # the same weights and the same images
+    assert digest(run_dir / 'best.pt') == before
+
+
+def test_padded_grids_focal_class_weights_capacity_and_a_figure_that_cannot_be_written(tmp_path):
+    grids = make_color_grids(200, seed=1, size=20, num_classes=4)
+    np.savez(tmp_path / 'grids.npz', grids=grids)
+    run_dir = tmp_path / 'out' / 'g'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'figures').write_text('a file where the figures folder should be')
+    proc = vae(tmp_path, '--data=grids.npz', '--dataset_kind=grids', '--max_epochs=1', '--recon_loss=focal',
+               '--use_class_weights=True', '--class_weight_method=balanced', '--objective=capacity',
+               '--capacity_stop_iter=10', '--out_dir=out/g')
+    assert 'data 20x20 padded to 32x32 with class 0; the padding is masked out of the loss' in proc.stdout
+    header = (run_dir / 'scalars.csv').read_text().splitlines()[0].split(',')
+    assert {'recall_0', 'recall_3', 'capacity'} <= set(header) and 'recall_4' not in header
+    row = dict(zip(header, (run_dir / 'scalars.csv').read_text().splitlines()[1].split(',')))
+    assert float(row['capacity']) == 12.5  # 190 // 32 = 5 of capacity_stop_iter=10 steps: half of 25 nats
+    assert torch.load(run_dir / 'last.pt', weights_only=True)['model_args']['image_size'] == 32
+    # the pictures failed (figures/ is a file), the run did not
+    assert '[VISUALIZATION] Failed: out/g/figures/reconstructions_epoch_1.png' in proc.stdout
+    errors = [e for e in events(run_dir) if e['event'] == 'error']
+    assert errors and errors[0]['figure'] == 'reconstructions_epoch_1.png' and errors[0]['fatal'] is False
+    assert events(run_dir)[-1]['event'] == 'end' and 'mig' not in events(run_dir)[-1]  # no factors, no MIG
+
+
+def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path):
+    common = ['--dataset_kind=grids', '--num_images=200', '--recon_loss=focal', '--use_class_weights=True']
+    vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/a')
+    vae(tmp_path, *common, '--max_epochs=2', '--out_dir=out/b')
+    before = digest(tmp_path / 'out' / 'b' / 'last.pt')
+    proc = vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume', '--learning_rate=1e30',
+               check=False)  # the first step blows the weights up: the loss of the second is not finite
+    assert proc.returncode != 0 and 'training loss is' in proc.stderr and 'last.pt kept' in proc.stderr
+    assert digest(tmp_path / 'out' / 'b' / 'last.pt') == before
+    assert events(tmp_path / 'out' / 'b')[-1]['event'] == 'error'
+    vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume')
+    a = torch.load(tmp_path / 'out' / 'a' / 'last.pt', weights_only=True)
+    b = torch.load(tmp_path / 'out' / 'b' / 'last.pt', weights_only=True)
+    assert all(torch.equal(a['model_state_dict'][k], b['model_state_dict'][k]) for k in a['model_state_dict'])
+    assert a['metrics'] == b['metrics'] and a['iter_num'] == b['iter_num'] == 4 * (190 // 32)
+
+
+def test_bad_inputs_are_clear_and_destroy_nothing(trained, tmp_path):
+    work, run_dir, _ = trained
+    kept = {name: digest(run_dir / name) for name in ('last.pt', 'best.pt', 'log.txt', 'scalars.csv', 'events.jsonl')}
+    np.savez(tmp_path / 'no_array.npz', images=np.zeros((4, 8, 8), np.uint8))
+    np.savez(tmp_path / 'too_big.npz', grids=np.full((40, 8, 8), 7, np.uint8))
+    imgs, classes = make_sprites(40, seed=0)
+    write_dsprites_npz(str(tmp_path / 'short_factors.npz'), imgs, classes)
+    with np.load(tmp_path / 'short_factors.npz', allow_pickle=True) as f:
+        arrays = dict(f)
+    np.savez(tmp_path / 'short_factors.npz', **dict(arrays, latents_classes=arrays['latents_classes'][:30]))
+    cases = [(['--class_weight_method=median'], "class_weight_method='median': expected one of 'inverse', "
+                                                "'sqrt_inverse', 'balanced'"),
+             (['--objective=elbo'], "objective='elbo': expected one of 'beta', 'capacity'"),
+             ([f'--data={tmp_path}/no_array.npz'], "no_array.npz: no grid array; expected an array named one of"),
+             ([f'--data={tmp_path}/too_big.npz', '--num_classes=5'], "too_big.npz: class id 7 >= num_classes=5"),
+             ([f'--data={tmp_path}/short_factors.npz'], "short_factors.npz: factors have shape (30, 6)")]
+    # each aimed at the existing run with --overwrite=True: still nothing lost. Every data check (dtype, negative
+    # ids, missing or corrupt files) runs at this same point, before the run directory is touched; their messages
+    # are tested in test_vae_data.py
+    for args, message in cases:
+        proc = vae(work, '--out_dir=out/run', '--overwrite=True', *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and 'Traceback' not in proc.stderr, (args, proc.stderr)
+    proc = vae(work, '--out_dir=out/run', check=False)
+    assert proc.returncode == 2 and 'already holds' in proc.stderr
+    proc = vae(work, '--eval_only=True', '--out_dir=out/none', check=False)
+    assert proc.returncode == 2 and 'eval_only=True needs a checkpoint' in proc.stderr
+    assert {name: digest(run_dir / name) for name in kept} == kept

@@ -1,0 +1,119 @@
+"""The beta-VAE family: shapes and size, the output-bias prior, the losses against torch references and closed
+forms, class weights, the capacity objective, and MIG on codes whose answer is known."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from model import BetaVAE, capacity_at, class_weights, focal_loss, kl_per_dim, mig, mig_per_factor, vae_objective
+
+
+def test_shapes_parameter_count_and_prior_bias():
+    model = BetaVAE(2)
+    # conv 2-32-32-64-64, 1024->256->20 | 10->256->1024, deconv 64-64-32-32-2 (the dSprites net, one-hot input)
+    convs = (2 * 32 + 32 * 32 + 32 * 64 + 64 * 64) * 16 + 32 + 32 + 64 + 64
+    deconvs = (64 * 64 + 64 * 32 + 32 * 32 + 32 * 2) * 16 + 64 + 32 + 32 + 2
+    linears = 1024 * 256 + 256 + 256 * 20 + 20 + 10 * 256 + 256 + 256 * 1024 + 1024
+    assert sum(p.numel() for p in model.parameters()) == convs + deconvs + linears == 765_270
+    model = BetaVAE(10, image_size=32, latent_dim=6, class_frequencies=[0.9] + [0.1 / 9] * 9).eval()
+    logits, mu, logvar = model(torch.randint(0, 10, (3, 32, 32)))
+    assert logits.shape == (3, 10, 32, 32) and mu.shape == logvar.shape == (3, 6)
+    bias = model.decoder[-1].bias
+    assert torch.allclose(F.softmax(bias, 0), torch.tensor([0.9] + [0.1 / 9] * 9), atol=1e-6)
+    with pytest.raises(ValueError, match='multiple of 16'):
+        BetaVAE(2, image_size=30)
+
+
+def test_eval_mode_decodes_the_mean_and_training_samples():
+    torch.manual_seed(0)
+    model = BetaVAE(3, image_size=16, latent_dim=4)
+    x = torch.randint(0, 3, (2, 16, 16))
+    model.eval()
+    logits, mu, _ = model(x)
+    assert torch.equal(logits, model.decode(mu))
+    model.train()
+    assert not torch.equal(model(x)[0], logits)
+
+
+def test_kl_per_dim_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    reference = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros(7), torch.ones(7)))
+    assert torch.allclose(kl_per_dim(mu, logvar), reference, atol=1e-6)
+
+
+def test_focal_loss_gamma_zero_is_summed_cross_entropy_and_the_formula_otherwise():
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 5, 6, 6), torch.randint(0, 5, (4, 6, 6))
+    ce = F.cross_entropy(logits, y, reduction='none').sum((1, 2))
+    assert torch.allclose(focal_loss(logits, y, gamma=0.0), ce, atol=1e-5)
+    w, mask = torch.rand(5) + 0.5, (torch.rand(4, 6, 6) > 0.3).float()
+    p_t = F.softmax(logits, 1).gather(1, y[:, None])[:, 0]
+    by_hand = (w[y] * (1 - p_t) ** 2 * -p_t.log() * mask).sum((1, 2))
+    assert torch.allclose(focal_loss(logits, y, gamma=2.0, weight=w, mask=mask), by_hand, atol=1e-5)
+    # weights are summed per pixel, not renormalised by the batch's weight sum (F.cross_entropy's 'mean')
+    weighted = F.cross_entropy(logits, y, weight=w, reduction='none').sum((1, 2))
+    assert torch.allclose(focal_loss(logits, y, weight=w), weighted, atol=1e-5)
+
+
+def test_class_weights_each_method_and_mean_one():
+    counts = torch.tensor([930.0, 40.0, 20.0, 10.0])  # N = 1000, C = 4
+    freq = counts / 1000
+    inverse = class_weights(counts, 'inverse')
+    assert torch.allclose(inverse, 1000 / (4 * counts), rtol=1e-6)  # already mean 1 by construction
+    raw_sqrt = (1000 / (4 * counts)).sqrt()
+    assert torch.allclose(class_weights(counts, 'sqrt_inverse'), raw_sqrt / (freq * raw_sqrt).sum(), rtol=1e-6)
+    raw_median = freq.median() / freq  # torch's median of an even count is the lower middle value: 0.02
+    assert torch.allclose(class_weights(counts, 'balanced'), raw_median / (freq * raw_median).sum(), rtol=1e-6)
+    for method in ('inverse', 'sqrt_inverse', 'balanced'):
+        assert math.isclose(float((freq * class_weights(counts, method)).sum()), 1.0, rel_tol=1e-6)
+    # seed 002's numbers: 93% background, 7% objects -> inverse 13.3:1 per class pair here, sqrt its root
+    two = class_weights([93, 7], 'inverse')
+    assert math.isclose(float(two[1] / two[0]), 93 / 7, rel_tol=1e-5)
+    assert math.isclose(float((lambda s: s[1] / s[0])(class_weights([93, 7], 'sqrt_inverse'))), math.sqrt(93 / 7),
+                        rel_tol=1e-5)
+    absent = class_weights([90, 10, 0], 'inverse')
+    assert absent[2] == absent.max() and math.isclose(float(0.9 * absent[0] + 0.1 * absent[1]), 1.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="class_weight_method='median'"):
+        class_weights(counts, 'median')
+
+
+def test_capacity_objective():
+    recon, kl = torch.tensor(100.0), torch.tensor(7.0)
+    assert torch.equal(vae_objective(recon, kl, 'capacity', capacity=0.0, capacity_gamma=30.0), recon + 30.0 * kl)
+    assert torch.equal(vae_objective(recon, kl, 'capacity', capacity=9.0, capacity_gamma=30.0), recon + 60.0)
+    assert torch.equal(vae_objective(recon, kl, 'beta', beta=4.0), recon + 28.0)
+    assert capacity_at(0, 25.0, 1000) == 0.0 and capacity_at(500, 25.0, 1000) == 12.5
+    assert capacity_at(5000, 25.0, 1000) == 25.0
+    with pytest.raises(ValueError, match="objective='elbo'"):
+        vae_objective(recon, kl, 'elbo')
+
+
+def factor_grid(sizes):
+    """Every combination of the factor values (N, K): independent factors, no sampling noise between them."""
+    return np.stack(np.meshgrid(*[np.arange(s) for s in sizes], indexing='ij'), -1).reshape(-1, len(sizes))
+
+
+def test_mig_perfect_random_permuted_and_constant_factor():
+    factors = factor_grid((1, 3, 6, 20, 8))
+    codes = factors[:, 1:].astype(float) * np.array([1.0, 0.3, -2.0, 5.0])  # one latent per factor, rescaled
+    assert math.isclose(mig(codes, factors), 1.0, rel_tol=1e-12)  # the constant factor (colour) is left out
+    codes = np.concatenate([codes, np.random.default_rng(0).normal(size=(len(codes), 2)) * 1e-3], 1)  # + 2 noise
+    assert mig(codes, factors) > 0.97  # noise latents carry a little chance information (finite sample)
+    assert sorted(mig_per_factor(codes, factors)) == [1, 2, 3, 4]
+    permuted = codes[:, np.random.default_rng(1).permutation(codes.shape[1])]
+    assert math.isclose(mig(permuted, factors), mig(codes, factors), rel_tol=1e-12)
+    random = np.random.default_rng(2).normal(size=(len(factors), 6))
+    assert abs(mig(random, factors)) < 0.03
+    # a factor shared equally by two latents has no gap
+    doubled = np.concatenate([codes[:, :1], codes[:, :1]], 1)
+    assert mig(doubled, factors[:, 1:2]) == 0.0
+
+
+def test_mig_with_40_values_and_20_bins_is_below_one():
+    factors = factor_grid((40, 6))  # 40 orientations cannot fit 20 bins: two values share each bin
+    score = mig_per_factor(factors.astype(float), factors)[0]
+    assert math.isclose(score, math.log(20) / math.log(40), rel_tol=1e-9)
