@@ -349,7 +349,7 @@ def write_spoter_csv(path, clips, labels):
     write_atomic(path, text.getvalue().encode('utf-8'))
 
 
-def _file_sha256(path):
+def file_sha256(path):
     """sha256 hex of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -395,7 +395,7 @@ def pose_cache(csv_path, cache_dir):
     raw labels) and return its path. Reused while it validates; a corrupt or partial file is rebuilt."""
     if not os.path.isfile(csv_path):
         raise UserError(f"pose CSV {csv_path}: no such file")
-    sha = _file_sha256(csv_path)
+    sha = file_sha256(csv_path)
     h5_path = os.path.join(cache_dir, 'spoter', f'{sha[:16]}.h5')  # keyed by content: an edited CSV gets a new cache
     if os.path.exists(h5_path) and _pose_cache_problem(h5_path, sha) is None:
         return h5_path
@@ -875,7 +875,7 @@ def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0
     try:  # reuse only if every file is still the one recorded (an edited or half-written file is rewritten)
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta['recipe'] == recipe and all(_file_sha256(p) == meta['sha256'][s] for s, p in paths.items()):
+        if meta['recipe'] == recipe and all(file_sha256(p) == meta['sha256'][s] for s, p in paths.items()):
             return tuple(paths.values())
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -883,7 +883,7 @@ def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0
     hashes = {}
     for i, (split, path) in enumerate(paths.items()):
         write_spoter_csv(path, *make_sign_clips(num_classes, clips_per_class[i], seed=3 * seed + i))
-        hashes[split] = _file_sha256(path)
+        hashes[split] = file_sha256(path)
     write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=hashes), indent=2).encode())  # last: marks done
     return tuple(paths.values())
 
@@ -1317,7 +1317,7 @@ def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
     try:  # reuse only if the manifest is still the one recorded
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta['recipe'] == recipe and _file_sha256(manifest) == meta['sha256']:
+        if meta['recipe'] == recipe and file_sha256(manifest) == meta['sha256']:
             return manifest
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -1331,7 +1331,7 @@ def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
         write_wav(os.path.join(folder, name), sleep_sound(SLEEP_CLASSES[kind], rng, sample_rate), sample_rate)
         rows.append(f'{name},{SLEEP_CLASSES[kind]},{split}')
     write_atomic(manifest, ('\n'.join(rows) + '\n').encode())
-    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=_file_sha256(manifest))).encode())  # last
+    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=file_sha256(manifest))).encode())  # last
     return manifest
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, StackDataset
 from common import (SCHEMA_VERSION, RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure,
                     init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint,
                     seed_everything, set_rng_state, write_atomic)
-from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, prepare_audio_cache, \
+from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, file_sha256, prepare_audio_cache, \
     write_sleep_sounds
 from model import audio_model, confusion_matrix, kd_loss, macro_f1, per_class_scores
 
@@ -119,8 +119,7 @@ try:
 except (TypeError, ValueError, RuntimeError) as e:
     raise UserError(f"teacher_ckpt {teacher_ckpt}: not an audio model of model.py ({str(e)[:200]})") from None
 teacher_net = teacher_net.to(device, memory_format=torch.channels_last).eval()
-with open(teacher_ckpt, 'rb') as f:
-    teacher_sha = hashlib.sha256(f.read()).hexdigest()  # names the teacher-logits cache
+teacher_sha = file_sha256(teacher_ckpt)  # names the teacher-logits cache
 
 
 def best_val_f1(run_dir):
