@@ -183,6 +183,14 @@ def init_distributed(device):
     return True, rank, world_size, device
 
 
+def finish_distributed(ddp):
+    """Leave the process group together: a rank that tears gloo down while another is still busy (rank 0 running the
+    test) can abort at exit, so every rank waits at a barrier first."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_ranks_any(flag, ddp, device):
     """True on every rank if `flag` is true on any rank (so all ranks stop at the same iteration)."""
     if not ddp:

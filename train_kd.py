@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, StackDataset
 
 from common import (SCHEMA_VERSION, RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure,
-                    init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint,
-                    seed_everything, set_rng_state, write_atomic)
+                    finish_distributed, init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks,
+                    save_checkpoint, seed_everything, set_rng_state, write_atomic)
 from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, file_sha256, prepare_audio_cache, \
     write_sleep_sounds
 from model import audio_model, confusion_matrix, kd_loss, macro_f1, per_class_scores
@@ -396,5 +396,4 @@ if reason != 'signal':
         run.print(f"test (best.pt) | acc {test_metrics['test/acc']:.4f} | macro_f1 {test_metrics['test/macro_f1']:.4f}"
                   f" | per-class f1 {[round(v, 3) for v in f1.tolist()]}")
     run.event('end', reason='done', **end)
-if ddp:
-    torch.distributed.destroy_process_group()
+finish_distributed(ddp)

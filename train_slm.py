@@ -20,9 +20,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hooks as hooklib
-from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, init_distributed,
-                    load_checkpoint, matmul_peak_flops, resolve_init, rng_states_all_ranks, save_checkpoint,
-                    seed_everything, set_rng_state)
+from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, finish_distributed,
+                    init_distributed, load_checkpoint, matmul_peak_flops, resolve_init, rng_states_all_ranks,
+                    save_checkpoint, seed_everything, set_rng_state)
 from data import CharTokenizer, WindowSampler, get_batch, prepare_text, window_starts
 from model import CharTransformer, TransformerConfig, lm_loss
 
@@ -259,5 +259,4 @@ while True:
 if at_end:
     run.event('end', iter=iter_num, reason='done', best_val_loss=best_val_loss, **metrics,
               wall_time_s=round(time.time() - t_start, 1))
-if ddp:
-    torch.distributed.destroy_process_group()
+finish_distributed(ddp)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, init_distributed,
-                    load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint, seed_everything,
-                    set_rng_state, write_atomic)
+from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, finish_distributed,
+                    init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint,
+                    seed_everything, set_rng_state, write_atomic)
 from data import (WindowSampler, augment_poses, load_pose_cache, normalize_poses, pad_clips, pose_cache,
                   resolve_label_offset, write_sign_csvs)
 from model import SPOTER
@@ -322,5 +322,4 @@ if not signalled:
         end.update(test_metrics, per_class_acc=per_class)
         run.print(f"test (best.pt) | acc {test_metrics['test/acc']:.4f} | top5 {test_metrics['test/top5']:.4f}")
     run.event('end', reason='done', **end)
-if ddp:
-    torch.distributed.destroy_process_group()
+finish_distributed(ddp)

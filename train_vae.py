@@ -56,7 +56,8 @@ max_epochs = 8  # training epochs
 quick_test = False  # seed 002's quick test: 5 epochs, whatever max_epochs says
 batch_size = 64  # images per step
 learning_rate = 5e-4  # Adam, constant; the literature's 1e-4 is for ~300k-step runs (config/vae_dsprites.py)
-mig_samples = 10_000  # images encoded for MIG at the end (data with factors only)
+mig_samples = 10_000  # images encoded for MIG (data with factors only)
+mig_interval = 1  # also measure MIG into scalars.csv every this many epochs (0 = only at the end, with best.pt)
 log_interval = 1  # print a line every this many epochs
 # system
 seed = 1337  # model init, data split, batch order, sampling noise
@@ -235,7 +236,8 @@ def disentanglement():
 
 def summary(metrics):
     return (f"recon {metrics['recon']:.2f} | kl {metrics['kl']:.2f} | active {metrics['active_dims']} | "
-            f"acc {metrics['pixel_acc']:.4f} | fg_iou {metrics['fg_iou']:.4f}")
+            f"acc {metrics['pixel_acc']:.4f} | fg_iou {metrics['fg_iou']:.4f}"
+            + (f" | mig {metrics['mig']:.4f}" if 'mig' in metrics else ''))
 
 
 def checkpoint(names, metrics):
@@ -256,8 +258,7 @@ if eval_only:
     if factors is not None:
         metrics['mig'], metrics['mig_per_factor'] = disentanglement()
     run.event('end', reason='eval_only', checkpoint=resume_path, **metrics)
-    mig_text = f" | mig {metrics['mig']:.4f} {metrics['mig_per_factor']}" if 'mig' in metrics else ''
-    run.print(f"eval_only {resume_path} | {summary(metrics)}{mig_text}")
+    run.print(f"eval_only {resume_path} | {summary(metrics)} {metrics.get('mig_per_factor', '')}")
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
@@ -300,6 +301,8 @@ while epoch < max_epochs:
     # end of epoch: val metrics into scalars.csv, last.pt (+ best.pt on val/loss), pictures
     epoch, step_in_epoch, history = epoch + 1, 0, {}
     metrics = evaluate(val_idx)
+    if factors is not None and mig_interval > 0:  # disentanglement as a learning curve (nan between measurements)
+        metrics['mig'] = disentanglement()[0] if epoch % mig_interval == 0 else float('nan')
     steps = max(sums['steps'], 1)
     train = {'train/loss': sums['loss'] / steps, 'train/recon': sums['recon'] / steps, 'train/kl': sums['kl'] / steps}
     epoch_s = time.time() - t_epoch

@@ -1,6 +1,7 @@
 """train_vae.py run as a user runs it, on tiny data in the real formats: figures and the [VISUALIZATION] line,
 scalars and the end event, eval_only, padded grids with class weights and capacity annealing, resume equivalence,
 and every bad-input path (clear message, exit 2, nothing in the existing run lost)."""
+import csv
 import hashlib
 import json
 
@@ -48,6 +49,9 @@ def test_smoke_run_writes_figures_scalars_and_mig(trained):
     end = events(run_dir)[-1]
     assert end['event'] == 'end' and end['epochs'] == 2 and 0.0 <= end['mig'] <= 1.0
     assert set(end['mig_per_factor']) == {'shape', 'scale', 'orientation', 'posX', 'posY'}  # colour is constant
+    rows = list(csv.DictReader((run_dir / 'scalars.csv').open()))  # MIG per epoch: best.pt's row is the end's MIG
+    best_epoch = torch.load(run_dir / 'best.pt', weights_only=True)['epoch']
+    assert float(rows[best_epoch - 1]['mig']) == pytest.approx(end['mig'], rel=1e-5)
     ckpt = torch.load(run_dir / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 2 and ckpt['iter_num'] == 2 * (380 // 32) and ckpt['model_args']['in_classes'] == 2
     last_eval = [e for e in events(run_dir) if e['event'] == 'eval'][-1]
