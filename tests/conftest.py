@@ -1,7 +1,9 @@
 """Shared fixtures: tiny data in the real formats, written into tmp dirs, and a runner for the scripts."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,20 @@ def run_script(script, *args, cwd, check=True, timeout=240):
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def sigterm_when_logged(script, *args, cwd, out_dir, text, delay=0.0):
+    """Start a project script, wait until `text` shows in out_dir/log.txt (then `delay` s more), send SIGTERM as
+    SLURM does before pre-emption, and return (exit code, stdout, stderr) once it has saved and exited."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args), f'--out_dir={out_dir}'], cwd=cwd,
+                            env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = Path(cwd) / out_dir / 'log.txt', time.time() + 120
+    while not (log.exists() and text in log.read_text()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
 
 
 def python_like_text(n_lines):

@@ -2,14 +2,12 @@
 stopping, resume equivalence, pre-emption, and bad input."""
 import hashlib
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPT_ENV, run_script
+from conftest import ROOT, SCRIPT_ENV, run_script, sigterm_when_logged
 
 from data import write_sleep_sounds
 
@@ -75,17 +73,10 @@ def test_resume_equals_uninterrupted(tmp_path, sounds):
 
 
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path, sounds):
-    args = [sys.executable, str(ROOT / 'train_audio.py'), *TINY, '--batch_size=2', *sounds, '--max_epochs=1000',
-            '--patience=999', '--out_dir=out/s']
-    proc = subprocess.Popen(args, cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log, deadline = tmp_path / 'out' / 's' / 'log.txt', time.time() + 120
-    while not (log.exists() and 'epoch 1 |' in log.read_text()) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.2)  # land inside epoch 2
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and 'signal received' in stdout, stderr
+    code, stdout, stderr = sigterm_when_logged('train_audio.py', *TINY, '--batch_size=2', *sounds, '--max_epochs=1000',
+                                               '--patience=999', cwd=tmp_path, out_dir='out/s', text='epoch 1 |',
+                                               delay=0.2)  # land inside epoch 2
+    assert code == 0 and 'signal received' in stdout, stderr
     total = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)['epoch'] + 2
     common = [*TINY, '--batch_size=2', *sounds, f'--max_epochs={total}', '--patience=999']
     run_script('train_audio.py', *common, '--out_dir=out/s', '--init_from=auto', cwd=tmp_path)

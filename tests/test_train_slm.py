@@ -4,15 +4,13 @@ import hashlib
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SCRIPT_ENV, TINY_SLM, python_like_text, run_script
+from conftest import ROOT, SCRIPT_ENV, TINY_SLM, python_like_text, run_script, sigterm_when_logged
 
 from data import get_batch
 from model import CharTransformer, TransformerConfig
@@ -95,18 +93,10 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
 
 
 def test_sigterm_saves_and_auto_resume_continues_exactly(tmp_path, corpus):
-    args = [sys.executable, str(ROOT / 'train_slm.py'), *TINY_SLM, f'--dataset={corpus}', '--out_dir=out/s',
-            '--eval_interval=100000', '--max_iters=100000']
-    proc = subprocess.Popen(args, cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log = tmp_path / 'out' / 's' / 'log.txt'
-    deadline = time.time() + 120
-    while not (log.exists() and 'iter 5 |' in log.read_text()) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    assert 'signal received' in stdout
+    code, stdout, stderr = sigterm_when_logged('train_slm.py', *TINY_SLM, f'--dataset={corpus}',
+                                               '--eval_interval=100000', '--max_iters=100000', cwd=tmp_path,
+                                               out_dir='out/s', text='iter 5 |')
+    assert code == 0 and 'signal received' in stdout, stderr
     stopped_at = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)['iter_num']
     assert stopped_at >= 5 and events(tmp_path / 'out' / 's')[-1]['reason'] == 'signal'
     total = stopped_at + 3

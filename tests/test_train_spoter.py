@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, sigterm_when_logged
 
 from data import write_sign_csvs
 
@@ -109,22 +109,10 @@ def test_val_classes_unseen_in_training_are_an_error(tmp_path, csvs):
 
 
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path, csvs):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from conftest import ROOT, SCRIPT_ENV
-    args = [sys.executable, str(ROOT / 'train_spoter.py'), '--device=cpu', '--batch_size=4', *csvs,
-            '--max_epochs=1000', '--out_dir=out/s']
-    proc = subprocess.Popen(args, cwd=tmp_path, env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    log, deadline = tmp_path / 'out' / 's' / 'log.txt', time.time() + 120
-    while not (log.exists() and 'epoch 1 |' in log.read_text()) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # land somewhere inside epoch 2 (8 steps of ~0.1 s)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and 'signal received' in stdout, stderr
+    code, stdout, stderr = sigterm_when_logged('train_spoter.py', '--device=cpu', '--batch_size=4', *csvs,
+                                               '--max_epochs=1000', cwd=tmp_path, out_dir='out/s', text='epoch 1 |',
+                                               delay=0.3)  # land somewhere inside epoch 2 (8 steps of ~0.1 s)
+    assert code == 0 and 'signal received' in stdout, stderr
     saved = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
     total = saved['epoch'] + 2
     spoter(tmp_path, '--batch_size=4', *csvs, f'--max_epochs={total}', '--out_dir=out/s', '--init_from=auto')

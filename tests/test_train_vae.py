@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, sigterm_when_logged
 
 from data import make_color_grids, make_sprites, write_dsprites_npz
 
@@ -110,6 +110,22 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
     b = torch.load(tmp_path / 'out' / 'b' / 'last.pt', weights_only=True)
     assert all(torch.equal(a['model_state_dict'][k], b['model_state_dict'][k]) for k in a['model_state_dict'])
     assert a['metrics'] == b['metrics'] and a['iter_num'] == b['iter_num'] == 4 * (190 // 32)
+
+
+def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path):
+    grids = ['--dataset_kind=grids', '--num_images=600']  # 17 steps per epoch
+    code, stdout, stderr = sigterm_when_logged('train_vae.py', *TINY, *grids, '--max_epochs=1000', cwd=tmp_path,
+                                               out_dir='out/s', text='epoch 1 |', delay=0.2)  # inside epoch 2
+    assert code == 0 and 'signal received' in stdout, stderr
+    saved = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
+    assert events(tmp_path / 'out' / 's')[-1]['reason'] == 'signal'
+    total = saved['epoch'] + 2
+    vae(tmp_path, *grids, f'--max_epochs={total}', '--out_dir=out/s', '--init_from=auto')
+    vae(tmp_path, *grids, f'--max_epochs={total}', '--out_dir=out/u')
+    a = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
+    b = torch.load(tmp_path / 'out' / 'u' / 'last.pt', weights_only=True)
+    assert all(torch.equal(a['model_state_dict'][k], b['model_state_dict'][k]) for k in a['model_state_dict'])
+    assert a['iter_num'] == b['iter_num'] and a['metrics'] == b['metrics']
 
 
 def test_bad_inputs_are_clear_and_destroy_nothing(trained, tmp_path):
