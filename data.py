@@ -1070,24 +1070,29 @@ def read_audio_manifest(manifest, label_map, audio_root=''):
     return splits, left_out
 
 
+def read_array_file(path, keys, what):
+    """-> ({key: array} for those of `keys` the .npz / .h5 file holds, the names of all its arrays). Arrays only:
+    nothing in the file is unpickled. A file that cannot be read raises UserError naming it."""
+    try:
+        if path.endswith(('.h5', '.hdf5')):
+            with h5py.File(path, 'r') as f:
+                return {k: f[k][()] for k in keys if k in f}, list(f)
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in keys if k in f.files}, f.files
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        raise UserError(f"{what} {path}: cannot read it as .npz or HDF5 ({type(e).__name__}: {e})") from None
+
+
 def read_waveform_arrays(path, label_map):
     """.npz / .h5 of raw waveforms -> {split: [(waveform float32, class id), ...]}, n_left_out, sample_rate.
     Arrays: 'waveforms' (N, L) float or int16, 'labels' (N,) names or ids, optional 'lengths' (N,) valid samples
     per row, 'split' (N,) names, 'sample_rate' (scalar, default 16000)."""
     if not os.path.isfile(path):
         raise UserError(f"waveform file {path}: no such file")
-    try:
-        if path.endswith(('.h5', '.hdf5')):
-            with h5py.File(path, 'r') as f:
-                arrays = {k: f[k][()] for k in f.keys()}
-        else:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"waveform file {path}: cannot be read as .npz/.h5 ({e})") from None
+    arrays, found = read_array_file(path, ('waveforms', 'labels', 'lengths', 'split', 'sample_rate'), 'waveform file')
     for key in ('waveforms', 'labels'):
         if key not in arrays:
-            raise UserError(f"waveform file {path}: no {key!r} array (it has {sorted(arrays)})")
+            raise UserError(f"waveform file {path}: no {key!r} array (it has {sorted(found)})")
     waves, labels = arrays['waveforms'], arrays['labels']
     if waves.ndim != 2 or len(labels) != len(waves):
         raise UserError(f"waveform file {path}: expected waveforms (N, L) and labels (N,), got {waves.shape} and "
@@ -1437,26 +1442,19 @@ def builtin_vae_data(kind, cache_dir, num_images, seed=0):
 
 def _read_arrays(path):
     """-> (images, factors or None, factor names or None) from an npz or HDF5 file, arrays as stored."""
-    if path.endswith(('.h5', '.hdf5')):
-        with h5py.File(path, 'r') as f:
-            names = [k for k in IMAGE_KEYS if k in f]
-            if not names:
-                raise UserError(f"{path}: no grid array; expected a dataset named one of {IMAGE_KEYS}, found {list(f)}")
-            factor_key = next((k for k in FACTOR_KEYS if k in f), None)
-            return f[names[0]][()], f[factor_key][()] if factor_key else None, None
-    with np.load(path, allow_pickle=False) as f:  # arrays only: nothing in them can run code
-        names = [k for k in IMAGE_KEYS if k in f.files]
-        if not names:
-            raise UserError(f"{path}: no grid array; expected an array named one of {IMAGE_KEYS}, found {f.files}")
-        factor_key = next((k for k in FACTOR_KEYS if k in f.files), None)
-        images, factors, has_meta = f[names[0]], f[factor_key] if factor_key else None, 'metadata' in f.files
+    arrays, found = read_array_file(path, IMAGE_KEYS + FACTOR_KEYS, 'data')
+    names = [k for k in IMAGE_KEYS if k in arrays]
+    if not names:
+        kind = 'a dataset' if path.endswith(('.h5', '.hdf5')) else 'an array'
+        raise UserError(f"{path}: no grid array; expected {kind} named one of {IMAGE_KEYS}, found {found}")
+    factors = next((arrays[k] for k in FACTOR_KEYS if k in arrays), None)
     factor_names = None
-    if has_meta:  # dSprites' metadata was pickled by Python 2: latin1 decodes its byte strings
-        with np.load(path, allow_pickle=True, encoding='latin1') as f:
+    if 'metadata' in found and not path.endswith(('.h5', '.hdf5')):  # dSprites' metadata dict was pickled by
+        with np.load(path, allow_pickle=True, encoding='latin1') as f:  # Python 2: latin1 decodes its byte strings
             metadata = f['metadata'][()]
         if isinstance(metadata, dict) and 'latents_names' in metadata:
             factor_names = [n.decode() if isinstance(n, bytes) else str(n) for n in metadata['latents_names']]
-    return images, factors, factor_names
+    return arrays[names[0]], factors, factor_names
 
 
 def load_vae_data(path, num_classes=0):
