@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, sigterm_when_logged
 
 import sweep
 from common import configure
@@ -136,6 +136,20 @@ def test_gate_passes_then_the_logits_cache_is_reused_and_resume_is_exact(setup, 
               '--out_dir=other')
     assert ': computed (' in proc.stdout and len(list((tmp_path / 'cache').rglob('train.teacher_*.npy'))) == 2
     assert cached.read_bytes() == before
+
+
+def test_sigterm_mid_epoch_then_auto_resume_is_exact(setup, tmp_path):
+    folder, data = setup
+    common = [*data, '--teacher_ckpt=' + str(folder / 'teacher' / 'best.pt'), '--gate=False', '--batch_size=2',
+              '--patience=999']
+    code, stdout, stderr = sigterm_when_logged('train_kd.py', *TINY, *common, '--max_epochs=1000', cwd=tmp_path,
+                                               out_dir='s', text='epoch 1 |', delay=0.2)  # inside epoch 2
+    assert code == 0 and 'signal received' in stdout, stderr
+    total = torch.load(tmp_path / 's' / 'last.pt', weights_only=True)['epoch'] + 1
+    kd(tmp_path, *common, f'--max_epochs={total}', '--out_dir=s', '--init_from=auto')
+    kd(tmp_path, *common, f'--max_epochs={total}', '--out_dir=u')
+    a, b = weights(tmp_path / 's' / 'last.pt'), weights(tmp_path / 'u' / 'last.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_inputs_are_clear_and_destroy_nothing(setup, tmp_path):
