@@ -117,3 +117,14 @@ def test_mig_with_40_values_and_20_bins_is_below_one():
     factors = factor_grid((40, 6))  # 40 orientations cannot fit 20 bins: two values share each bin
     score = mig_per_factor(factors.astype(float), factors)[0]
     assert math.isclose(score, math.log(20) / math.log(40), rel_tol=1e-9)
+
+
+def test_mig_of_a_rotated_position_code_falls_to_zero():
+    # what the README reports for the sprites: a rotated (x, y) code loses MIG although it holds all the information
+    factors = factor_grid((32, 32))
+    scores = []
+    for degrees in (0, 15, 30, 45):
+        a = math.radians(degrees)
+        rotation = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+        scores.append(mig(factors.astype(float) @ rotation, factors))
+    assert scores[0] > 0.8 and scores == sorted(scores, reverse=True) and scores[-1] < 0.01
