@@ -68,8 +68,9 @@ def stdlib_corpus(max_chars=8_000_000):
     """The running Python's standard-library .py sources, sorted by path, tests and site-packages skipped,
     concatenated up to max_chars. Returns (text, provenance)."""
     root = sysconfig.get_paths()['stdlib']
+    skipped = {'site-packages', 'test', 'tests', 'idle_test'}
     paths = sorted(p for p in glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
-                   if not ({'site-packages', 'test', 'tests', 'idle_test'} & set(os.path.relpath(p, root).split(os.sep))))
+                   if not skipped & set(os.path.relpath(p, root).split(os.sep)))
     parts, size = [], 0
     for p in paths:
         try:
@@ -1147,8 +1148,8 @@ def _load_clip(source, array_rate, sample_rate):
 def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_size=128, log=print):
     """Log-mel spectrograms of items [(WAV path or waveform, class id)] into h5_path: 'features' (N, n_mels, T)
     float32 stored one sample per chunk, uncompressed (shuffled reads stay fast), 'labels' (N,), written in batches
-    to h5_path.tmp<pid>, closed, then renamed over h5_path: an interrupted build never leaves a readable partial file and
-    the previous cache stays until the new one is complete. Empty or non-finite clips are skipped and counted.
+    to h5_path.tmp<pid>, closed, then renamed over h5_path: an interrupted build never leaves a readable partial
+    file and the previous cache stays until the new one is complete. Empty or non-finite clips are skipped and counted.
     The attributes (n_samples, train mean/std, attrs) go last, 'complete' the very last."""
     missing = [s for s, _ in items if isinstance(s, str) and not os.path.isfile(s)]
     if missing:
@@ -1296,7 +1297,8 @@ def sleep_sound(kind, rng, sample_rate=16000):
         x += 10 ** rng.uniform(-3.0, -2.2) * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(4 * np.pi * f * t))
     if kind == 'quiet' and rng.random() < 0.3:  # a faint rustle: short broadband burst
         start = rng.uniform(0, 0.8)
-        x += 10 ** rng.uniform(-2.6, -1.8) * _band_noise(rng, n, sample_rate, 200, 5000) * _swell(n, start, start + 0.15)
+        gain = 10 ** rng.uniform(-2.6, -1.8)  # drawn before the noise: the random stream stays as it was
+        x += gain * _band_noise(rng, n, sample_rate, 200, 5000) * _swell(n, start, start + 0.15)
     elif kind == 'breathe':
         low = rng.uniform(150, 600)
         noise = _band_noise(rng, n, sample_rate, low, low * rng.uniform(2.5, 6))

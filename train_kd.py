@@ -288,8 +288,9 @@ def evaluate(split):
         confusion += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), n_classes)
     raw_model.train()
     weight_sum = (loss_weights.cpu() * confusion.sum(1)).sum().item()  # the weighted mean's denominator
-    return {f'{split}/loss': loss / weight_sum, f'{split}/acc': confusion.diagonal().sum().item() / confusion.sum().item(),
-            f'{split}/macro_f1': macro_f1(confusion)}, confusion
+    accuracy = confusion.diagonal().sum().item() / confusion.sum().item()
+    return {f'{split}/loss': loss / weight_sum, f'{split}/acc': accuracy, f'{split}/macro_f1': macro_f1(confusion)}, \
+        confusion
 
 
 def checkpoint(names, metrics):

@@ -92,7 +92,8 @@ train_starts = window_starts(meta['train_tokens'], block_size, stride)
 val_starts = window_starts(meta['val_tokens'], block_size, block_size)
 if len(val_starts) == 0:
     raise UserError(f"dataset {dataset or 'stdlib'}: its 5% validation split has {meta['val_tokens']} characters, "
-                    f"fewer than one window of block_size+1 = {block_size + 1}; use a longer text or smaller block_size")
+                    f"fewer than one window of block_size+1 = {block_size + 1}; "
+                    f"use a longer text or smaller block_size")
 sampler = WindowSampler(len(train_starts), batch_size, seed, rank, world_size)
 # every eval scores the same validation windows, evenly spaced over the split: curves are comparable
 eval_windows = val_starts[np.unique(np.linspace(0, len(val_starts) - 1, eval_iters * batch_size).astype(int))]

@@ -197,8 +197,9 @@ def write_test_report(probs, name):
     labels = splits['test'][1]
     top = probs.topk(min(5, num_classes), dim=-1)
     header = 'row,true_label,' + ','.join(f'pred_{k + 1},prob_{k + 1}' for k in range(top.indices.size(1)))
-    rows = [f"{i},{labels[i] + label_offset}," + ','.join(f"{int(c) + label_offset},{p:.6f}" for c, p in
-                                                          zip(top.indices[i], top.values[i])) for i in range(len(labels))]
+    rows = [f"{i},{labels[i] + label_offset}," + ','.join(f"{int(c) + label_offset},{p:.6f}"
+                                                          for c, p in zip(top.indices[i], top.values[i]))
+            for i in range(len(labels))]
     write_atomic(os.path.join(out_dir, name), ('\n'.join([header, *rows]) + '\n').encode())
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, top.indices[:, 0].numpy()), 1)
