@@ -240,6 +240,17 @@ def test_corrupt_cache_is_rebuilt_and_failed_build_keeps_the_old_file(tmp_path, 
     assert open(paths['val'], 'rb').read() == good and not list(tmp_path.rglob('*.tmp*'))  # the old cache is intact
 
 
+def test_unreadable_or_incomplete_waveform_files_name_the_file(tmp_path):
+    junk = tmp_path / 'junk.npz'
+    junk.write_bytes(b'not a zip file')
+    with pytest.raises(UserError, match=r"waveform file .*junk\.npz: cannot read it as \.npz or HDF5"):
+        prepare_audio_cache(str(tmp_path / 'cache'), SHORT, LABELS, data=str(junk), splits=('train',))
+    assert junk.read_bytes() == b'not a zip file' and not (tmp_path / 'cache').exists()  # nothing written
+    np.savez(tmp_path / 'w.npz', waveforms=np.zeros((2, 800), np.float32))
+    with pytest.raises(UserError, match=r"w\.npz: no 'labels' array \(it has \['waveforms'\]\)"):
+        prepare_audio_cache(str(tmp_path / 'cache'), SHORT, LABELS, data=str(tmp_path / 'w.npz'), splits=('train',))
+
+
 def test_nan_and_empty_clips_are_skipped_and_counted(tmp_path):
     waves = np.random.default_rng(0).uniform(-0.5, 0.5, (5, 800)).astype(np.float32)
     waves[1, 3] = np.nan
