@@ -488,14 +488,35 @@ def capacity_at(iter_num, capacity_max, capacity_stop_iter):
     return capacity_max * min(1.0, iter_num / max(capacity_stop_iter, 1))
 
 
-def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_gamma=1000.0):
+def total_correlation(mu, logvar, dataset_size):
+    """Total correlation TC = KL(q(z) || prod_j q(z_j)) of the aggregate posterior q(z) = mean_n q(z|x_n) over the
+    dataset_size images (Chen et al. 2018, minibatch stratified sampling), from one reparameterised sample
+    z_i ~ q(z|x_i) per image of a batch of M: x_i's own posterior carries weight 1/N, the other M - 1 images stand
+    in for the rest of the data, (N - 1) / (N (M - 1)) each; the same per latent for the marginals q(z_j).
+    mu, logvar (M, D) -> scalar, ~0 when the latents are independent."""
+    m, n = mu.size(0), max(dataset_size, mu.size(0))
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # (M, D)
+    # log N(z_ij; mu_kj, sigma_kj^2) of every sample i under every image k's posterior: (M, M, D)
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]) ** 2 / logvar.exp()[None])
+    log_w = torch.full((m, m), math.log((n - 1) / (n * (m - 1))), device=mu.device)
+    log_w.fill_diagonal_(-math.log(n))  # (M, M): log weight of image k in the estimate of q(z_i)
+    log_qz = torch.logsumexp(log_w + log_q.sum(2), dim=1)  # (M,) joint
+    log_qz_marginals = torch.logsumexp(log_w[:, :, None] + log_q, dim=1).sum(1)  # (M,) product of the marginals
+    return (log_qz - log_qz_marginals).mean()
+
+
+def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_gamma=1000.0, tc=0.0):
     """recon: reconstruction loss summed over pixels, mean over the batch; kl: KL summed over latents, mean over
-    the batch. 'beta': recon + beta * KL (Higgins et al. 2017). 'capacity': recon + gamma * |KL - C|."""
+    the batch. 'beta': recon + beta * KL (Higgins et al. 2017). 'capacity': recon + gamma * |KL - C|.
+    'tc': recon + KL + (beta - 1) * TC (beta-TCVAE, Chen et al. 2018: of KL = index-code MI + TC + dimension-wise
+    KL, only the TC is weighted by beta)."""
     if objective == 'beta':
         return recon + beta * kl
     if objective == 'capacity':
         return recon + capacity_gamma * abs(kl - capacity)
-    raise ValueError(f"objective={objective!r}: expected 'beta' or 'capacity'")
+    if objective == 'tc':
+        return recon + kl + (beta - 1) * tc
+    raise ValueError(f"objective={objective!r}: expected 'beta', 'capacity' or 'tc'")
 
 
 # -----------------------------------------------------------------------------

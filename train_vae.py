@@ -1,10 +1,10 @@
 """
-Train a beta-VAE (Higgins et al. 2017; capacity annealing: Burgess et al. 2018) on categorical images: every pixel
-is one of C classes (class 0 = background), the decoder predicts C logits per pixel, the reconstruction loss is
-cross-entropy or focal loss (optionally class-weighted) summed over pixels. Without data it trains on built-in
-procedural dSprites-like sprites with known factors, written as a dSprites npz and read back by the same loader.
-Writes reconstruction grids at every checkpoint, latent traversals at the best one, KL per latent, foreground
-IoU and, where the data has factors, MIG (Chen et al. 2018).
+Train a beta-VAE (Higgins et al. 2017; capacity annealing: Burgess et al. 2018; beta-TCVAE: Chen et al. 2018) on
+categorical images: every pixel is one of C classes (class 0 = background), the decoder predicts C logits per pixel,
+the reconstruction loss is cross-entropy or focal loss (optionally class-weighted) summed over pixels. Without data
+it trains on built-in procedural dSprites-like sprites with known factors, written as a dSprites npz and read back
+by the same loader. Writes reconstruction grids at every checkpoint, latent traversals at the best one, KL per
+latent, foreground IoU and, where the data has factors, MIG (Chen et al. 2018).
 
     python train_vae.py                                                   # built-in sprites, ~12 min, 1 CPU thread
     python train_vae.py config/vae_dsprites.py --data=dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz
@@ -23,7 +23,8 @@ import torch
 from common import (RunDir, StopSignal, UserError, autocast_context, configure, init_distributed, load_checkpoint,
                     resolve_init, rng_state, save_checkpoint, seed_everything, set_rng_state, write_atomic)
 from data import builtin_vae_data, load_vae_data, pad_images, palette, png_bytes, tile_images
-from model import BetaVAE, capacity_at, class_weights, focal_loss, kl_per_dim, mig, mig_per_factor, vae_objective
+from model import (BetaVAE, capacity_at, class_weights, focal_loss, kl_per_dim, mig, mig_per_factor, total_correlation,
+                   vae_objective)
 
 # -----------------------------------------------------------------------------
 # default config: every knob, one per line (config files and --key=value override these)
@@ -42,7 +43,8 @@ cache_dir = 'cache'  # the built-in data is written here once, keyed by its gene
 # model
 latent_dim = 10  # latents; KL_j > 0.05 nats counts as active
 # objective: recon (summed over pixels, mean over the batch) + beta * KL (summed over latents)
-objective = 'beta'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed
+objective = 'beta'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed |
+#                     'tc': recon + KL + (beta - 1) TC, beta-TCVAE (val/loss is then recon + KL, TC needs sampling)
 beta = 4.0  # KL weight against the pixel-summed reconstruction term (not a per-pixel mean)
 capacity_max = 25.0  # 'capacity': final KL target C in nats
 capacity_stop_iter = 100_000  # 'capacity': C rises linearly from 0 to capacity_max over these iterations
@@ -71,7 +73,8 @@ ddp, _, _, device = init_distributed(device)
 if ddp:
     raise UserError("train_vae.py runs in one process: launch it with python, not torchrun")
 dtype, autocast = autocast_context(device, dtype)
-for key, value, allowed in (('objective', objective, ('beta', 'capacity')), ('recon_loss', recon_loss, ('ce', 'focal')),
+for key, value, allowed in (('objective', objective, ('beta', 'capacity', 'tc')),
+                            ('recon_loss', recon_loss, ('ce', 'focal')),
                             ('class_weight_method', class_weight_method, ('inverse', 'sqrt_inverse', 'balanced')),
                             ('dataset_kind', dataset_kind, ('sprites', 'grids'))):
     if value not in allowed:
@@ -281,7 +284,8 @@ while epoch < max_epochs:
             logits, mu, logvar = model(x)
         recon = reconstruction_loss(logits, x).mean()  # summed over pixels, mean over images
         kl = kl_per_dim(mu.float(), logvar.float()).sum(1).mean()  # summed over latents, mean over images
-        loss = vae_objective(recon, kl, objective, beta, capacity, capacity_gamma)
+        tc = total_correlation(mu.float(), logvar.float(), len(train_idx)) if objective == 'tc' else 0.0
+        loss = vae_objective(recon, kl, objective, beta, capacity, capacity_gamma, tc)
         if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
             run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
             raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")

@@ -113,7 +113,7 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
 
 
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path):
-    grids = ['--dataset_kind=grids', '--num_images=600']  # 17 steps per epoch
+    grids = ['--dataset_kind=grids', '--num_images=600', '--objective=tc']  # 17 steps per epoch; TC samples too
     code, stdout, stderr = sigterm_when_logged('train_vae.py', *TINY, *grids, '--max_epochs=1000', cwd=tmp_path,
                                                out_dir='out/s', text='epoch 1 |', delay=0.2)  # inside epoch 2
     assert code == 0 and 'signal received' in stdout, stderr
@@ -140,7 +140,7 @@ def test_bad_inputs_are_clear_and_destroy_nothing(trained, tmp_path):
     np.savez(tmp_path / 'short_factors.npz', **dict(arrays, latents_classes=arrays['latents_classes'][:30]))
     cases = [(['--class_weight_method=median'], "class_weight_method='median': expected one of 'inverse', "
                                                 "'sqrt_inverse', 'balanced'"),
-             (['--objective=elbo'], "objective='elbo': expected one of 'beta', 'capacity'"),
+             (['--objective=elbo'], "objective='elbo': expected one of 'beta', 'capacity', 'tc'"),
              ([f'--data={tmp_path}/no_array.npz'], "no_array.npz: no grid array; expected an array named one of"),
              ([f'--data={tmp_path}/too_big.npz', '--num_classes=5'], "too_big.npz: class id 7 >= num_classes=5"),
              ([f'--data={tmp_path}/short_factors.npz'], "short_factors.npz: factors have shape (30, 6)")]
