@@ -150,6 +150,11 @@ def batch_of(indices):
     return torch.from_numpy(images[indices]).long().to(device)  # (B, S, S) class ids
 
 
+def kl_target():
+    """The capacity objective's C at this iteration (Burgess et al.: rising linearly); 0 for the others."""
+    return capacity_at(iter_num, capacity_max, capacity_stop_iter) if objective == 'capacity' else 0.0
+
+
 def reconstruction_loss(logits, targets):
     """Per image (B,): CE or focal, class-weighted or not, summed over real pixels."""
     return focal_loss(logits.float(), targets, focal_gamma if recon_loss == 'focal' else 0.0, weights, mask_t)
@@ -175,8 +180,7 @@ def evaluate(indices, chunk=256):
     kl_dims = kl_sum / len(indices)
     recon, kl = recon_sum / len(indices), kl_dims.sum().item()
     fg_both, fg_true, fg_pred = confusion[1:, 1:].sum(), confusion[1:].sum(), confusion[:, 1:].sum()
-    metrics = {'val/loss': vae_objective(recon, kl, objective, beta, capacity_at(iter_num, capacity_max,
-                                                                                capacity_stop_iter), capacity_gamma),
+    metrics = {'val/loss': vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma),
                'recon': recon, 'kl': kl, **{f'kl_dim_{j}': v for j, v in enumerate(kl_dims.tolist())},
                'active_dims': int((kl_dims > 0.05).sum()),
                'pixel_acc': (confusion.trace() / confusion.sum()).item(),
@@ -279,13 +283,12 @@ while epoch < max_epochs:
             history, signalled = sums, True
             break
         x = batch_of(train_idx[perm[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]])
-        capacity = capacity_at(iter_num, capacity_max, capacity_stop_iter) if objective == 'capacity' else 0.0
         with autocast:
             logits, mu, logvar = model(x)
         recon = reconstruction_loss(logits, x).mean()  # summed over pixels, mean over images
         kl = kl_per_dim(mu.float(), logvar.float()).sum(1).mean()  # summed over latents, mean over images
         tc = total_correlation(mu.float(), logvar.float(), len(train_idx)) if objective == 'tc' else 0.0
-        loss = vae_objective(recon, kl, objective, beta, capacity, capacity_gamma, tc)
+        loss = vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma, tc)
         if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
             run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
             raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
@@ -310,9 +313,8 @@ while epoch < max_epochs:
     steps = max(sums['steps'], 1)
     train = {'train/loss': sums['loss'] / steps, 'train/recon': sums['recon'] / steps, 'train/kl': sums['kl'] / steps}
     epoch_s = time.time() - t_epoch
-    capacity = capacity_at(iter_num, capacity_max, capacity_stop_iter) if objective == 'capacity' else 0.0
     run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **train, **metrics,
-                 'capacity': capacity})
+                 'capacity': kl_target()})
     run.event('eval', epoch=epoch, iter_num=iter_num, **train, **metrics)
     best = metrics['val/loss'] < best_val_loss
     best_val_loss = min(best_val_loss, metrics['val/loss'])
