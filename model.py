@@ -432,8 +432,12 @@ class BetaVAE(nn.Module):
     def forward(self, images):
         """-> (logits (B, C, S, S), mu, logvar). Training: z ~ q(z|x) by reparameterisation; eval: z = mu."""
         mu, logvar = self.encode(images)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
-        return self.decode(z), mu, logvar
+        return self.decode(reparameterize(mu, logvar) if self.training else mu), mu, logvar
+
+
+def reparameterize(mu, logvar):
+    """One sample z ~ N(mu, sigma^2) per row, differentiable in mu and logvar: z = mu + eps * exp(logvar / 2)."""
+    return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
 
 
 def kl_per_dim(mu, logvar):
@@ -495,7 +499,7 @@ def total_correlation(mu, logvar, dataset_size):
     in for the rest of the data, (N - 1) / (N (M - 1)) each; the same per latent for the marginals q(z_j).
     mu, logvar (M, D) -> scalar, ~0 when the latents are independent."""
     m, n = mu.size(0), max(dataset_size, mu.size(0))
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # (M, D)
+    z = reparameterize(mu, logvar)  # (M, D)
     # log N(z_ij; mu_kj, sigma_kj^2) of every sample i under every image k's posterior: (M, M, D)
     log_q = -0.5 * (math.log(2 * math.pi) + logvar[None] + (z[:, None] - mu[None]) ** 2 / logvar.exp()[None])
     log_w = torch.full((m, m), math.log((n - 1) / (n * (m - 1))), device=mu.device)
@@ -505,18 +509,57 @@ def total_correlation(mu, logvar, dataset_size):
     return (log_qz - log_qz_marginals).mean()
 
 
-def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_gamma=1000.0, tc=0.0):
+class TCDiscriminator(nn.Module):
+    """FactorVAE's total-correlation estimate (Kim & Mnih 2018): an MLP (n_layers hidden layers, LeakyReLU 0.2)
+    trained by logistic regression to tell codes z ~ q(z) (label 1) from codes whose latents were shuffled
+    independently across the batch (permute_latents), i.e. samples of prod_j q(z_j) (label 0). At the optimum its
+    logit is log q(z) - log prod_j q(z_j), so the mean logit over z ~ q(z) estimates TC = KL(q(z) || prod_j q(z_j))
+    without a density, at any batch size. z (B, D) -> logits (B,)."""
+
+    def __init__(self, latent_dim, hidden=1000, n_layers=6):
+        super().__init__()
+        layers, width = [], latent_dim
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, z):
+        return self.net(z).squeeze(1)
+
+
+def permute_latents(z):
+    """Shuffle each latent independently across the batch: the joint's dependencies are gone, each marginal
+    q(z_j) is kept. z (B, D) -> (B, D)."""
+    order = torch.argsort(torch.rand(z.shape, device=z.device), dim=0)  # (B, D): one permutation per latent
+    return z.gather(0, order)
+
+
+def discriminator_loss(discriminator, z):
+    """Logistic loss of the discriminator on the batch's codes (label 1) and their latent-wise shuffle (label 0),
+    z detached: this trains the discriminator, not the encoder."""
+    z = z.detach()
+    joint, shuffled = discriminator(z), discriminator(permute_latents(z))
+    return 0.5 * (F.binary_cross_entropy_with_logits(joint, torch.ones_like(joint))
+                  + F.binary_cross_entropy_with_logits(shuffled, torch.zeros_like(shuffled)))
+
+
+def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_gamma=1000.0, tc=0.0,
+                  factor_gamma=35.0):
     """recon: reconstruction loss summed over pixels, mean over the batch; kl: KL summed over latents, mean over
     the batch. 'beta': recon + beta * KL (Higgins et al. 2017). 'capacity': recon + gamma * |KL - C|.
     'tc': recon + KL + (beta - 1) * TC (beta-TCVAE, Chen et al. 2018: of KL = index-code MI + TC + dimension-wise
-    KL, only the TC is weighted by beta)."""
+    KL, only the TC is weighted by beta). 'factor': recon + KL + factor_gamma * TC (FactorVAE, Kim & Mnih 2018,
+    TC from the discriminator)."""
     if objective == 'beta':
         return recon + beta * kl
     if objective == 'capacity':
         return recon + capacity_gamma * abs(kl - capacity)
     if objective == 'tc':
         return recon + kl + (beta - 1) * tc
-    raise ValueError(f"objective={objective!r}: expected 'beta', 'capacity' or 'tc'")
+    if objective == 'factor':
+        return recon + kl + factor_gamma * tc
+    raise ValueError(f"objective={objective!r}: expected 'beta', 'capacity', 'tc' or 'factor'")
 
 
 # -----------------------------------------------------------------------------

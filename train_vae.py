@@ -23,8 +23,8 @@ import torch
 from common import (RunDir, StopSignal, UserError, autocast_context, configure, init_distributed, load_checkpoint,
                     resolve_init, rng_state, save_checkpoint, seed_everything, set_rng_state, write_atomic)
 from data import builtin_vae_data, load_vae_data, pad_images, palette, png_bytes, tile_images
-from model import (BetaVAE, capacity_at, class_weights, focal_loss, kl_per_dim, mig, mig_per_factor, total_correlation,
-                   vae_objective)
+from model import (BetaVAE, TCDiscriminator, capacity_at, class_weights, discriminator_loss, focal_loss, kl_per_dim,
+                   mig, mig_per_factor, reparameterize, total_correlation, vae_objective)
 
 # -----------------------------------------------------------------------------
 # default config: every knob, one per line (config files and --key=value override these)
@@ -44,11 +44,16 @@ cache_dir = 'cache'  # the built-in data is written here once, keyed by its gene
 latent_dim = 10  # latents; KL_j > 0.05 nats counts as active
 # objective: recon (summed over pixels, mean over the batch) + beta * KL (summed over latents)
 objective = 'beta'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed |
-#                     'tc': recon + KL + (beta - 1) TC, beta-TCVAE (val/loss is then recon + KL, TC needs sampling)
+#                     'tc': recon + KL + (beta - 1) TC, beta-TCVAE, TC estimated from each batch's posteriors |
+#                     'factor': recon + KL + factor_gamma TC, FactorVAE, TC from a discriminator
+#                     (for 'tc' and 'factor' val/loss is recon + KL: their TC estimates need sampling)
 beta = 4.0  # KL weight against the pixel-summed reconstruction term (not a per-pixel mean)
 capacity_max = 25.0  # 'capacity': final KL target C in nats
 capacity_stop_iter = 100_000  # 'capacity': C rises linearly from 0 to capacity_max over these iterations
 capacity_gamma = 1000.0  # 'capacity': weight of |KL - C|
+factor_gamma = 35.0  # 'factor': weight of the TC (Kim & Mnih: 10-100 on dSprites)
+disc_hidden = 1000  # 'factor': width of the discriminator's 6 hidden layers (Kim & Mnih: 1000)
+disc_learning_rate = 1e-4  # 'factor': the discriminator's Adam, betas (0.5, 0.9) as in Kim & Mnih
 recon_loss = 'ce'  # 'ce' (cross-entropy) | 'focal' (Lin et al. 2017)
 focal_gamma = 2.0  # focal loss exponent; 0 = cross-entropy
 use_class_weights = False  # weight each pixel's loss by its class's weight (mean pixel weight 1 over the data)
@@ -73,12 +78,15 @@ ddp, _, _, device = init_distributed(device)
 if ddp:
     raise UserError("train_vae.py runs in one process: launch it with python, not torchrun")
 dtype, autocast = autocast_context(device, dtype)
-for key, value, allowed in (('objective', objective, ('beta', 'capacity', 'tc')),
+for key, value, allowed in (('objective', objective, ('beta', 'capacity', 'tc', 'factor')),
                             ('recon_loss', recon_loss, ('ce', 'focal')),
                             ('class_weight_method', class_weight_method, ('inverse', 'sqrt_inverse', 'balanced')),
                             ('dataset_kind', dataset_kind, ('sprites', 'grids'))):
     if value not in allowed:
         raise UserError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+if objective == 'tc' and batch_size < 2:  # the TC estimate needs other images of the batch to stand in for q(z)
+    raise UserError(f"objective='tc' needs batch_size >= 2 (got {batch_size}): the total correlation is estimated "
+                    f"from the other images of each batch")
 max_epochs = 5 if quick_test else max_epochs
 resume_path = resolve_init(init_from, out_dir, overwrite or eval_only)
 ckpt = load_checkpoint(resume_path) if resume_path else None
@@ -120,6 +128,12 @@ model = BetaVAE(**model_args, class_frequencies=counts / counts.sum()).to(device
 if ckpt:
     model.load_state_dict(ckpt['model_state_dict'])
 opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+discriminator = TCDiscriminator(model_args['latent_dim'], disc_hidden).to(device) if objective == 'factor' else None
+if discriminator is not None:
+    disc_opt = torch.optim.Adam(discriminator.parameters(), lr=disc_learning_rate, betas=(0.5, 0.9))
+    if ckpt and ckpt.get('discriminator_state_dict') and not eval_only:  # absent: a run switching objectives
+        discriminator.load_state_dict(ckpt['discriminator_state_dict'])
+        disc_opt.load_state_dict(ckpt['disc_optimizer_state_dict'])
 epoch, step_in_epoch, iter_num, best_val_loss, history = 0, 0, 0, math.inf, {}
 if ckpt and not eval_only:
     opt.load_state_dict(ckpt['optimizer_state_dict'])
@@ -252,7 +266,9 @@ def checkpoint(names, metrics):
         save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch, iter_num=iter_num,
                         model_state_dict=model.state_dict(), optimizer_state_dict=opt.state_dict(), args=config,
                         model_args=model_args, rng_state=rng_state(), metrics=metrics, best_metric=best_val_loss,
-                        epoch_sums=history, config_hash=run.config_hash)
+                        epoch_sums=history, config_hash=run.config_hash,
+                        discriminator_state_dict=discriminator.state_dict() if discriminator else None,
+                        disc_optimizer_state_dict=disc_opt.state_dict() if discriminator else None)
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +293,7 @@ t_start, signalled = time.time(), False
 while epoch < max_epochs:
     t_epoch = time.time()
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
-    sums = history or {'loss': 0.0, 'recon': 0.0, 'kl': 0.0, 'steps': 0}  # carried through a pre-emption
+    sums = {'loss': 0.0, 'recon': 0.0, 'kl': 0.0, 'tc': 0.0, 'steps': 0} | (history or {})  # carried through a pre-emption
     while step_in_epoch < steps_per_epoch:
         if stop.requested:  # pre-emption: save mid-epoch, exit 0, continue with --init_from=auto
             history, signalled = sums, True
@@ -287,16 +303,25 @@ while epoch < max_epochs:
             logits, mu, logvar = model(x)
         recon = reconstruction_loss(logits, x).mean()  # summed over pixels, mean over images
         kl = kl_per_dim(mu.float(), logvar.float()).sum(1).mean()  # summed over latents, mean over images
-        tc = total_correlation(mu.float(), logvar.float(), len(train_idx)) if objective == 'tc' else 0.0
-        loss = vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma, tc)
+        tc, z = torch.zeros((), device=device), None  # TC estimate ('tc', 'factor'), codes for the discriminator
+        if objective == 'tc':
+            tc = total_correlation(mu.float(), logvar.float(), len(train_idx))
+        elif objective == 'factor':  # the discriminator's mean logit on fresh samples z ~ q(z|x) estimates TC
+            z = reparameterize(mu.float(), logvar.float())  # (B, D)
+            tc = discriminator(z).mean()
+        loss = vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma, tc, factor_gamma)
         if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
             run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
             raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if discriminator is not None:  # then the discriminator learns from the same codes (its grads from loss dropped)
+            disc_opt.zero_grad(set_to_none=True)
+            discriminator_loss(discriminator, z).backward()
+            disc_opt.step()
         step_in_epoch, iter_num = step_in_epoch + 1, iter_num + 1
-        for key, value in (('loss', loss), ('recon', recon), ('kl', kl)):
+        for key, value in (('loss', loss), ('recon', recon), ('kl', kl), ('tc', tc)):
             sums[key] += value.item()
         sums['steps'] += 1
     if signalled:
@@ -311,7 +336,8 @@ while epoch < max_epochs:
     if factors is not None and mig_interval > 0:  # disentanglement as a learning curve (nan between measurements)
         metrics['mig'] = disentanglement()[0] if epoch % mig_interval == 0 else float('nan')
     steps = max(sums['steps'], 1)
-    train = {'train/loss': sums['loss'] / steps, 'train/recon': sums['recon'] / steps, 'train/kl': sums['kl'] / steps}
+    train = {'train/loss': sums['loss'] / steps, 'train/recon': sums['recon'] / steps, 'train/kl': sums['kl'] / steps,
+             'train/tc': sums['tc'] / steps}  # the objective's TC estimate ('tc', 'factor'; 0 for the others)
     epoch_s = time.time() - t_epoch
     run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **train, **metrics,
                  'capacity': kl_target()})

@@ -96,7 +96,8 @@ def test_padded_grids_focal_class_weights_capacity_and_a_figure_that_cannot_be_w
 
 
 def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path):
-    common = ['--dataset_kind=grids', '--num_images=200', '--recon_loss=focal', '--use_class_weights=True']
+    common = ['--dataset_kind=grids', '--num_images=200', '--recon_loss=focal', '--use_class_weights=True',
+              '--objective=factor', '--disc_hidden=32']  # FactorVAE: the discriminator's state resumes too
     vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/a')
     vae(tmp_path, *common, '--max_epochs=2', '--out_dir=out/b')
     before = digest(tmp_path / 'out' / 'b' / 'last.pt')
@@ -108,7 +109,8 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
     vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume')
     a = torch.load(tmp_path / 'out' / 'a' / 'last.pt', weights_only=True)
     b = torch.load(tmp_path / 'out' / 'b' / 'last.pt', weights_only=True)
-    assert all(torch.equal(a['model_state_dict'][k], b['model_state_dict'][k]) for k in a['model_state_dict'])
+    for key in ('model_state_dict', 'discriminator_state_dict'):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert a['metrics'] == b['metrics'] and a['iter_num'] == b['iter_num'] == 4 * (190 // 32)
 
 
@@ -141,6 +143,7 @@ def test_bad_inputs_are_clear_and_destroy_nothing(trained, tmp_path):
     cases = [(['--class_weight_method=median'], "class_weight_method='median': expected one of 'inverse', "
                                                 "'sqrt_inverse', 'balanced'"),
              (['--objective=elbo'], "objective='elbo': expected one of 'beta', 'capacity', 'tc'"),
+             (['--objective=tc', '--batch_size=1'], "objective='tc' needs batch_size >= 2 (got 1)"),
              ([f'--data={tmp_path}/no_array.npz'], "no_array.npz: no grid array; expected an array named one of"),
              ([f'--data={tmp_path}/too_big.npz', '--num_classes=5'], "too_big.npz: class id 7 >= num_classes=5"),
              ([f'--data={tmp_path}/short_factors.npz'], "short_factors.npz: factors have shape (30, 6)")]
