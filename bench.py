@@ -342,7 +342,8 @@ class PlainBetaVAE(torch.nn.Module):
 
 def bench_vae(batch_size=64):
     from data import make_sprites
-    from model import BetaVAE, class_weights, focal_loss, kl_per_dim, vae_objective
+    from model import (BetaVAE, TCDiscriminator, class_weights, discriminator_loss, focal_loss, kl_per_dim,
+                       reparameterize, vae_objective)
     images = torch.from_numpy(make_sprites(batch_size, seed=0)[0]).long().to(device)  # (B, 64, 64) ids 0/1
     counts = torch.bincount(images.reshape(-1), minlength=2)
 
@@ -361,12 +362,31 @@ def bench_vae(batch_size=64):
             recon = focal_loss(logits, images, gamma, weight).mean()
             return vae_objective(recon, kl_per_dim(mu, logvar).sum(1).mean(), 'beta', 4.0)
         return trainer(BetaVAE(2, class_frequencies=counts / counts.sum()).to(device), loss_fn)
+    def factor_vae(hidden):  # objective='factor': the VAE's step, then the discriminator's on the same codes
+        model = BetaVAE(2, class_frequencies=counts / counts.sum()).to(device)
+        discriminator = TCDiscriminator(model.latent_dim, hidden).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        disc_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+
+        def step():
+            logits, mu, logvar = model(images)
+            z = reparameterize(mu, logvar)
+            kl = kl_per_dim(mu, logvar).sum(1).mean()
+            vae_objective(focal_loss(logits, images).mean(), kl, 'factor', 4.0, tc=discriminator(z).mean()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            disc_opt.zero_grad(set_to_none=True)
+            discriminator_loss(discriminator, z).backward()
+            disc_opt.step()
+        return step
     plain = PlainBetaVAE().to(device)
     binary = images[:, None].float()  # (B, 1, 64, 64)
     variants = {'plain Bernoulli beta-VAE (BCE)': trainer(plain, lambda m: m.loss(binary)),
                 'BetaVAE, C=2, cross-entropy (default)': ours(0.0, None),
                 'BetaVAE, C=2, focal gamma 2 + class weights': ours(2.0, class_weights(counts, 'sqrt_inverse')
-                                                                    .to(device))}
+                                                                    .to(device)),
+                'BetaVAE + FactorVAE discriminator, 256 wide': factor_vae(256),
+                'BetaVAE + FactorVAE discriminator, 1000 wide (Kim & Mnih)': factor_vae(1000)}
     times = interleaved(variants, steps_per_round)
     print(f"\n## vae: fwd + bwd + Adam, batch {batch_size} of 64x64, device {device}, "
           f"{torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")

@@ -549,8 +549,8 @@ def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_
     """recon: reconstruction loss summed over pixels, mean over the batch; kl: KL summed over latents, mean over
     the batch. 'beta': recon + beta * KL (Higgins et al. 2017). 'capacity': recon + gamma * |KL - C|.
     'tc': recon + KL + (beta - 1) * TC (beta-TCVAE, Chen et al. 2018: of KL = index-code MI + TC + dimension-wise
-    KL, only the TC is weighted by beta). 'factor': recon + KL + factor_gamma * TC (FactorVAE, Kim & Mnih 2018,
-    TC from the discriminator)."""
+    KL, only the TC is weighted by beta). 'factor': recon + beta * KL + factor_gamma * TC, TC from the
+    discriminator (FactorVAE, Kim & Mnih 2018, is beta = 1; beta > 1 adds beta-VAE's pressure to compress)."""
     if objective == 'beta':
         return recon + beta * kl
     if objective == 'capacity':
@@ -558,7 +558,7 @@ def vae_objective(recon, kl, objective='beta', beta=4.0, capacity=0.0, capacity_
     if objective == 'tc':
         return recon + kl + (beta - 1) * tc
     if objective == 'factor':
-        return recon + kl + factor_gamma * tc
+        return recon + beta * kl + factor_gamma * tc
     raise ValueError(f"objective={objective!r}: expected 'beta', 'capacity', 'tc' or 'factor'")
 
 

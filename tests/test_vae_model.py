@@ -155,7 +155,8 @@ def test_factor_discriminator_learns_the_total_correlation():
     discriminator_loss(TCDiscriminator(2, hidden=16), z).backward()
     assert z.grad is None
     recon, kl, tc = torch.tensor(100.0), torch.tensor(7.0), torch.tensor(0.5)
-    assert torch.equal(vae_objective(recon, kl, 'factor', tc=tc, factor_gamma=30.0), recon + kl + 15.0)
+    assert torch.equal(vae_objective(recon, kl, 'factor', beta=1.0, tc=tc, factor_gamma=30.0), recon + kl + 15.0)
+    assert torch.equal(vae_objective(recon, kl, 'factor', beta=4.0, tc=tc, factor_gamma=30.0), recon + 4 * kl + 15.0)
 
 
 def factor_grid(sizes):
