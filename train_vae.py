@@ -133,6 +133,10 @@ discriminator = TCDiscriminator(model_args['latent_dim'], disc_hidden).to(device
 if discriminator is not None:
     disc_opt = torch.optim.Adam(discriminator.parameters(), lr=disc_learning_rate, betas=(0.5, 0.9))
     if ckpt and ckpt.get('discriminator_state_dict') and not eval_only:  # absent: a run switching objectives
+        saved_hidden = ckpt['discriminator_state_dict']['net.0.weight'].shape[0]
+        if saved_hidden != disc_hidden:
+            raise UserError(f"{resume_path}: its discriminator is {saved_hidden} wide, disc_hidden={disc_hidden}; "
+                            f"resume with --disc_hidden={saved_hidden}")
         discriminator.load_state_dict(ckpt['discriminator_state_dict'])
         disc_opt.load_state_dict(ckpt['disc_optimizer_state_dict'])
 epoch, step_in_epoch, iter_num, best_val_loss, history = 0, 0, 0, math.inf, {}
@@ -294,7 +298,7 @@ t_start, signalled = time.time(), False
 while epoch < max_epochs:
     t_epoch = time.time()
     perm = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
-    sums = {'loss': 0.0, 'recon': 0.0, 'kl': 0.0, 'tc': 0.0, 'steps': 0} | (history or {})  # carried through a pre-emption
+    sums = {'loss': 0.0, 'recon': 0.0, 'kl': 0.0, 'tc': 0.0, 'steps': 0} | history  # a pre-empted epoch's carry on
     while step_in_epoch < steps_per_epoch:
         if stop.requested:  # pre-emption: save mid-epoch, exit 0, continue with --init_from=auto
             history, signalled = sums, True

@@ -106,6 +106,10 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
     assert proc.returncode != 0 and 'training loss is' in proc.stderr and 'last.pt kept' in proc.stderr
     assert digest(tmp_path / 'out' / 'b' / 'last.pt') == before
     assert events(tmp_path / 'out' / 'b')[-1]['event'] == 'error'
+    proc = vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume', '--disc_hidden=64',
+               check=False)
+    assert proc.returncode == 2 and 'its discriminator is 32 wide, disc_hidden=64' in proc.stderr, proc.stderr
+    assert digest(tmp_path / 'out' / 'b' / 'last.pt') == before
     vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume')
     a = torch.load(tmp_path / 'out' / 'a' / 'last.pt', weights_only=True)
     b = torch.load(tmp_path / 'out' / 'b' / 'last.pt', weights_only=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from model import (BetaVAE, TCDiscriminator, capacity_at, class_weights, discriminator_loss, focal_loss, kl_per_dim, mig,
-                   mig_per_factor, permute_latents, total_correlation, vae_objective)
+from model import (BetaVAE, TCDiscriminator, capacity_at, class_weights, discriminator_loss, focal_loss, kl_per_dim,
+                   mig, mig_per_factor, permute_latents, total_correlation, vae_objective)
 
 
 def test_shapes_parameter_count_and_prior_bias():
