@@ -2,6 +2,7 @@
 # beta 4, Adam 1e-4, batch 64, ~300k steps (26 epochs). Meant for a GPU (~10 h on one CPU thread); the file is
 # decompressed into memory (3 GB of uint8).
 # python train_vae.py config/vae_dsprites.py --data=dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz
+# FactorVAE as Kim & Mnih ran it: add --objective=factor --beta=1 --disc_hidden=1000 --disc_learning_rate=1e-4
 out_dir = 'out/vae_dsprites'
 num_images = 0  # all of the file
 beta = 4.0
