@@ -1,11 +1,11 @@
 """
 Train a beta-VAE (Higgins et al. 2017; capacity annealing: Burgess et al. 2018; beta-TCVAE: Chen et al. 2018;
-FactorVAE's discriminator: Kim & Mnih 2018) on
-categorical images: every pixel is one of C classes (class 0 = background), the decoder predicts C logits per pixel,
-the reconstruction loss is cross-entropy or focal loss (optionally class-weighted) summed over pixels. Without data
-it trains on built-in procedural dSprites-like sprites with known factors, written as a dSprites npz and read back
-by the same loader. Writes reconstruction grids at every checkpoint, latent traversals at the best one, KL per
-latent, foreground IoU and, where the data has factors, MIG (Chen et al. 2018).
+FactorVAE's discriminator: Kim & Mnih 2018) on categorical images: every pixel is one of C classes (class 0 =
+background), the decoder predicts C logits per pixel, the reconstruction loss is cross-entropy or focal loss
+(optionally class-weighted) summed over pixels. Without data it trains on built-in procedural dSprites-like sprites
+with known factors, written as a dSprites npz and read back by the same loader. Writes reconstruction grids at
+every checkpoint, latent traversals at the best one, KL per latent, foreground IoU and, where the data has factors,
+MIG (Chen et al. 2018).
 
     python train_vae.py                                                   # built-in sprites, ~12 min, 1 CPU thread
     python train_vae.py config/vae_dsprites.py --data=dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz
