@@ -272,8 +272,8 @@ def checkpoint(names, metrics):
                         model_state_dict=model.state_dict(), optimizer_state_dict=opt.state_dict(), args=config,
                         model_args=model_args, rng_state=rng_state(), metrics=metrics, best_metric=best_val_loss,
                         epoch_sums=history, config_hash=run.config_hash,
-                        discriminator_state_dict=discriminator.state_dict() if discriminator else None,
-                        disc_optimizer_state_dict=disc_opt.state_dict() if discriminator else None)
+                        discriminator_state_dict=discriminator.state_dict() if discriminator is not None else None,
+                        disc_optimizer_state_dict=disc_opt.state_dict() if discriminator is not None else None)
 
 
 # -----------------------------------------------------------------------------
@@ -341,8 +341,7 @@ while epoch < max_epochs:
     if factors is not None and mig_interval > 0:  # disentanglement as a learning curve (nan between measurements)
         metrics['mig'] = disentanglement()[0] if epoch % mig_interval == 0 else float('nan')
     steps = max(sums['steps'], 1)
-    train = {'train/loss': sums['loss'] / steps, 'train/recon': sums['recon'] / steps, 'train/kl': sums['kl'] / steps,
-             'train/tc': sums['tc'] / steps}  # the objective's TC estimate ('tc', 'factor'; 0 for the others)
+    train = {f'train/{key}': sums[key] / steps for key in ('loss', 'recon', 'kl', 'tc')}  # tc: 0 unless 'tc'/'factor'
     epoch_s = time.time() - t_epoch
     run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **train, **metrics,
                  'capacity': kl_target()})
