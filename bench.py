@@ -382,10 +382,10 @@ def bench_vae(batch_size=64):
     plain = PlainBetaVAE().to(device)
     binary = images[:, None].float()  # (B, 1, 64, 64)
     variants = {'plain Bernoulli beta-VAE (BCE)': trainer(plain, lambda m: m.loss(binary)),
-                'BetaVAE, C=2, cross-entropy (default)': ours(0.0, None),
+                'BetaVAE, C=2, cross-entropy (objective=beta)': ours(0.0, None),
                 'BetaVAE, C=2, focal gamma 2 + class weights': ours(2.0, class_weights(counts, 'sqrt_inverse')
                                                                     .to(device)),
-                'BetaVAE + FactorVAE discriminator, 256 wide': factor_vae(256),
+                'BetaVAE + FactorVAE discriminator, 256 wide (default)': factor_vae(256),
                 'BetaVAE + FactorVAE discriminator, 1000 wide (Kim & Mnih)': factor_vae(1000)}
     times = interleaved(variants, steps_per_round)
     print(f"\n## vae: fwd + bwd + Adam, batch {batch_size} of 64x64, device {device}, "

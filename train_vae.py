@@ -7,7 +7,7 @@ with known factors, written as a dSprites npz and read back by the same loader. 
 every checkpoint, latent traversals at the best one, KL per latent, foreground IoU and, where the data has factors,
 MIG (Chen et al. 2018).
 
-    python train_vae.py                                                   # built-in sprites, ~12 min, 1 CPU thread
+    python train_vae.py                                                   # built-in sprites, ~36 min, 1 CPU thread
     python train_vae.py config/vae_dsprites.py --data=dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz
     python train_vae.py config/vae_option_b.py --quick_test=True          # seed 002's options A/B/C on colour grids
     python train_vae.py config/vae_grids.py --data=my_grids.npz           # any (N, H, W) integer grids
@@ -44,10 +44,10 @@ cache_dir = 'cache'  # the built-in data is written here once, keyed by its gene
 # model
 latent_dim = 10  # latents; KL_j > 0.05 nats counts as active
 # objective: recon (summed over pixels, mean over the batch) + beta * KL (summed over latents)
-objective = 'beta'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed |
-#                     'tc': recon + KL + (beta - 1) TC, beta-TCVAE, TC estimated from each batch's posteriors |
-#                     'factor': recon + beta KL + factor_gamma TC, TC from a discriminator (FactorVAE: beta 1)
-#                     (val/loss leaves their TC out: its estimates need sampling or the discriminator)
+objective = 'factor'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed |
+#                       'tc': recon + KL + (beta - 1) TC, beta-TCVAE, TC estimated from each batch's posteriors |
+#                       'factor': recon + beta KL + factor_gamma TC, TC from a discriminator (FactorVAE: beta 1)
+#                       (val/loss leaves their TC out: its estimates need sampling or the discriminator)
 beta = 4.0  # KL weight against the pixel-summed reconstruction term (not a per-pixel mean)
 capacity_max = 25.0  # 'capacity': final KL target C in nats
 capacity_stop_iter = 100_000  # 'capacity': C rises linearly from 0 to capacity_max over these iterations
@@ -60,7 +60,7 @@ focal_gamma = 2.0  # focal loss exponent; 0 = cross-entropy
 use_class_weights = False  # weight each pixel's loss by its class's weight (mean pixel weight 1 over the data)
 class_weight_method = 'sqrt_inverse'  # 'inverse' N/(C n_c) | 'sqrt_inverse' its root | 'balanced' median-frequency
 # optimization
-max_epochs = 8  # training epochs
+max_epochs = 30  # training epochs; on the built-in sprites FactorVAE opens its 4th latent at epoch ~17-22
 quick_test = False  # seed 002's quick test: 5 epochs, whatever max_epochs says
 batch_size = 64  # images per step
 learning_rate = 5e-4  # Adam, constant; the literature's 1e-4 is for ~300k-step runs (config/vae_dsprites.py)

@@ -5,6 +5,7 @@
 # FactorVAE as Kim & Mnih ran it: add --objective=factor --beta=1 --disc_hidden=1000 --disc_learning_rate=1e-4
 out_dir = 'out/vae_dsprites'
 num_images = 0  # all of the file
+objective = 'beta'  # the beta-VAE recipe (the built-in default is FactorVAE, --objective=factor)
 beta = 4.0
 learning_rate = 1e-4
 batch_size = 64

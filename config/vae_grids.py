@@ -4,6 +4,7 @@
 # python train_vae.py config/vae_grids.py --data=my_grids.npz
 out_dir = 'out/vae_grids'
 dataset_kind = 'grids'
+objective = 'beta'  # seed 002's beta-VAE; --objective=factor adds FactorVAE's TC penalty
 num_images = 0  # all of the file
 recon_loss = 'focal'
 focal_gamma = 2.0

@@ -3,6 +3,7 @@
 # python train_vae.py config/vae_option_b.py --quick_test=True
 out_dir = 'out/vae_option_b'
 dataset_kind = 'grids'
+objective = 'beta'  # the seed's plain beta-VAE
 num_images = 10_000
 recon_loss = 'focal'
 focal_gamma = 2.0

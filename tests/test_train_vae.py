@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, sigterm_when_logged
+from conftest import ROOT, run_script, sigterm_when_logged
 
 from data import make_color_grids, make_sprites, write_dsprites_npz
 
@@ -93,6 +93,18 @@ def test_padded_grids_focal_class_weights_capacity_and_a_figure_that_cannot_be_w
     errors = [e for e in events(run_dir) if e['event'] == 'error']
     assert errors and errors[0]['figure'] == 'reconstructions_epoch_1.png' and errors[0]['fatal'] is False
     assert events(run_dir)[-1]['event'] == 'end' and 'mig' not in events(run_dir)[-1]  # no factors, no MIG
+
+
+def test_seed_option_config_runs_the_plain_beta_vae(tmp_path):
+    # the default objective is FactorVAE; seed 002's option configs must still train recon + beta KL
+    vae(tmp_path, ROOT / 'config' / 'vae_option_a.py', '--num_images=200', '--max_epochs=1', '--out_dir=out/a')
+    run_dir = tmp_path / 'out' / 'a'
+    config = json.loads((run_dir / 'config.json').read_text())['config']
+    assert (config['objective'], config['recon_loss'], config['dataset_kind']) == ('beta', 'focal', 'grids')
+    row = next(csv.DictReader((run_dir / 'scalars.csv').open()))
+    val_loss, recon, kl = float(row['val/loss']), float(row['recon']), float(row['kl'])
+    assert val_loss == pytest.approx(recon + config['beta'] * kl, rel=1e-4)
+    assert float(row['train/tc']) == 0  # no discriminator in the plain objective
 
 
 def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path):
