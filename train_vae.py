@@ -46,7 +46,7 @@ latent_dim = 10  # latents; KL_j > 0.05 nats counts as active
 # objective: recon (summed over pixels, mean over the batch) + beta * KL (summed over latents)
 objective = 'factor'  # 'beta': recon + beta KL | 'capacity': recon + capacity_gamma |KL - C|, C annealed |
 #                       'tc': recon + KL + (beta - 1) TC, beta-TCVAE, TC estimated from each batch's posteriors |
-#                       'factor': recon + beta KL + factor_gamma TC, TC from a discriminator (FactorVAE: beta 1)
+#                       'factor': recon + beta KL + factor_gamma TC, TC from a discriminator (Kim & Mnih: beta 1)
 #                       (val/loss leaves their TC out: its estimates need sampling or the discriminator)
 beta = 4.0  # KL weight against the pixel-summed reconstruction term (not a per-pixel mean)
 capacity_max = 25.0  # 'capacity': final KL target C in nats
