@@ -1,7 +1,7 @@
 """
-Plumbing shared by every train_*.py: the configurator, device/seed, the run directory (facts), checkpoints,
-DDP and pre-emption signals. Nothing here is a research knob: optimizers, schedules, data and eval loops live
-in the scripts, where a forker edits them.
+Plumbing shared by every train_*.py: stop signals, the configurator and the resume rule, device/seed, DDP, the
+run directory (facts, log lines, progress), checkpoints. Nothing here is a research knob: optimizers, schedules,
+data and eval loops live in the scripts, where a forker edits them.
 """
 import ast
 import contextlib
@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -20,44 +21,133 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import tokenize
 import uuid
-
-import numpy as np
-import torch
-import torch.distributed as dist
-
-SCHEMA_VERSION = 1
-# keys that only say where/how often to write; they never change a result, so they stay out of config_hash
-HASH_EXCLUDED_KEYS = {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval', 'eval_only', 'num_workers',
-                      'cache_dir'}  # where things go and how fast, never what a run computes
-CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
 
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint): printed as one line, no traceback, exit code 2."""
 
 
+# -----------------------------------------------------------------------------
+# stop signals: installed when this module is imported, before numpy and torch load (~1.5 s), so no moment of a
+# script's start-up is unguarded; the scripts import common first for that reason
+# -----------------------------------------------------------------------------
+
+class StopSignal:
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM pre-emption, scancel). Until a run directory is written
+    (`armed`), they stop the process at once: nothing has been written, nothing is lost (Ctrl-C exits 130, the others
+    128 + the signal number). Once armed, they only set `reason` ('interrupted' for Ctrl-C, else 'signal'): the loop
+    finishes its step, saves last.pt, writes the end event and exits. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.reason, self.armed = None, False
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        ctrl_c = signum == signal.SIGINT
+        if not self.armed or (ctrl_c and self.reason == 'interrupted'):
+            if ctrl_c:
+                raise KeyboardInterrupt  # the excepthook below turns it into one line and exit code 130
+            print(f"stopped by {signal.Signals(signum).name} before a run directory was written: nothing to save",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.reason = 'interrupted' if ctrl_c else self.reason or 'signal'
+
+
 def _excepthook(kind, value, tb, _default=sys.excepthook):
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr)
         sys.exit(2)  # excepthook exit: the interpreter still runs atexit handlers
+    if issubclass(kind, BrokenPipeError):  # `python train_slm.py --help | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        sys.exit(0)
+    if issubclass(kind, KeyboardInterrupt):
+        print("aborted by a second Ctrl-C: the run directory keeps what it saved last" if STOP.armed else
+              "interrupted (Ctrl-C) before a run directory was written: nothing to save", file=sys.stderr)
+        sys.exit(130)
     _default(kind, value, tb)
+
+
+sys.excepthook = _excepthook
+STOP = StopSignal()
+
+import numpy as np  # noqa: E402  (after the stop signals, see above)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+SCHEMA_VERSION = 1
+# keys that only say where/how often to write; they never change a result, so they stay out of config_hash
+HASH_EXCLUDED_KEYS = {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval', 'eval_only', 'num_workers',
+                      'cache_dir'}  # where things go and how fast, never what a run computes
+INVOCATION_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only')  # on resume: this command's, not the saved run's
+RENAMED_KEYS = {'model': 'arch', 'optimizer': 'opt'}  # old key -> its name now (train_audio/kd.py, train_spoter.py)
+CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
 
 
 # -----------------------------------------------------------------------------
 # configurator: defaults are the script's globals; config files, then --key=value, override them
 # -----------------------------------------------------------------------------
 
-def _key_comments(path):
-    """Map each top-level `key = value  # comment` of a script to its comment (for --help)."""
+@functools.lru_cache(maxsize=None)
+def declared_keys(path):
+    """{key: comment} of a script's own defaults: the top-level `key = value  # comment` lines above its configure()
+    call (the first assignment of each key). A comment goes on over the comment-only lines right below it that are
+    indented after the '#' (a section title such as '# data' is not)."""
     with open(path) as f:
         source = f.read()
-    comments = {tok.start[0]: tok.string.lstrip('# ') for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                if tok.type == tokenize.COMMENT}
-    return {node.targets[0].id: comments.get(node.lineno, '') for node in ast.parse(source).body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    lines = source.splitlines()
+    comments = {tok.start[0]: tok.string.lstrip('#').strip() for tok in
+                tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body
+    end = next((node.lineno for node in body if any(isinstance(n, ast.Call) and getattr(n.func, 'id', '') ==
+                                                     'configure' for n in ast.walk(node))), len(lines) + 1)
+    keys = {}
+    for node in body:
+        if node.lineno >= end or not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+            continue
+        text, n = comments.get(node.end_lineno, comments.get(node.lineno, '')), node.end_lineno
+        while n < len(lines) and re.match(r'\s*#\s{2,}\S', lines[n]):  # an indented continuation line
+            text, n = f"{text} {comments[n + 1]}", n + 1
+        keys.setdefault(node.targets[0].id, text)
+    return keys
+
+
+def _choices(comment):
+    """The values a comment that starts with a closed list of quoted values declares ("'crnn' | 'tinycnn'", each
+    maybe followed by a (note); ':N' in a value stands for digits, as in 'cuda:N'), else None."""
+    values, pos = [], 0
+    while (item := re.compile(r"\s*'([^']*)'(?:\s*\([^()]*\))?").match(comment, pos)):
+        values.append(item[1])
+        bar = re.compile(r"\s*\|").match(comment, item.end())
+        if not bar:
+            return values if len(values) > 1 else None
+        pos = bar.end()
+    return None  # no values, or an open list ('scratch' | 'resume' | a checkpoint path)
+
+
+_RANGE = re.compile(r"([\[(])(-?(?:inf|\d[\d._e+-]*)), (-?(?:inf|\d[\d._e+-]*))([\])])\s*$")  # ends: [1, inf)
+
+
+def check_value(key, value, comment, source):
+    """The choices (see _choices) or the range that a key's comment declares: it ends with an interval such as
+    [1, inf), (0, 1] or [0, 1)."""
+    choices = _choices(comment)
+    if choices and isinstance(value, str) and not any(re.fullmatch(re.escape(c).replace(':N', r':\d+'), value)
+                                                      for c in choices):
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise UserError(f"{source}: {key}={value!r}: expected one of {', '.join(map(repr, choices))}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    interval = _RANGE.search(comment)
+    for v in (value if isinstance(value, (list, tuple)) else [value]) if interval else []:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            lo, hi = float(interval[2]), float(interval[3])
+            if not ((lo < v if interval[1] == '(' else lo <= v) and (v < hi if interval[4] == ')' else v <= hi)):
+                raise UserError(f"{source}: {key}={value!r}: expected a value in {interval[0]}")
 
 
 def _check_type(key, value, default, source):
@@ -72,36 +162,59 @@ def _check_type(key, value, default, source):
 
 def _unknown(key, known, source):
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = (f" (renamed '{RENAMED_KEYS[key]}')" if RENAMED_KEYS.get(key) in known else
+            f"; did you mean '{close[0]}'?" if close else "")
     return UserError(f"{source}: unknown config key '{key}'{hint} (see --help for every key)")
+
+
+def _assigned(source):
+    """Names a config file assigns at its top level (in loops and ifs too, not inside functions or comprehensions)."""
+    names, todo = set(), list(ast.parse(source).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+                                   ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            todo.extend(ast.iter_child_nodes(node))
+    return names
 
 
 def configure(g, argv=None):
     """Apply config files (positional args, executed as Python in the script's globals g) and then --key=value
-    overrides to the script's default globals; return the final config as a JSON-able dict."""
-    sys.excepthook = _excepthook
+    overrides to the script's defaults; check every value against the choices or range its comment declares; return
+    the final config as a JSON-able dict. The keys given (and where) are kept in g['_given'] for start_from()."""
     argv = sys.argv[1:] if argv is None else argv
-    defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+    path = g.get('__file__')
+    comments = declared_keys(os.path.abspath(path)) if path else {}
+    defaults = {k: g[k] for k in (comments or g) if not k.startswith('_') and isinstance(g.get(k), CONFIG_TYPES)}
     if '--help' in argv or '-h' in argv:
-        comments = _key_comments(g['__file__']) if g.get('__file__') else {}
-        print(f"usage: python {os.path.basename(g.get('__file__', 'script.py'))} [config.py ...] [--key=value ...]\n")
+        print(f"usage: python {os.path.basename(path or 'script.py')} [config.py ...] [--key=value ...]\n")
         for k, v in defaults.items():
-            print(f"  --{k}={v!r}".ljust(40) + f" # {comments.get(k, '')}")
+            print(textwrap.fill(comments.get(k, ''), 118, initial_indent=f"  --{k}={v!r}".ljust(40) + ' # ',
+                                subsequent_indent=' ' * 43) if comments.get(k) else f"  --{k}={v!r}".ljust(40) + ' #')
         sys.exit(0)
+    given = {}
     # config files first, then --key=value, each in the order given: the command line always has the last word
     for arg in sorted(argv, key=lambda a: a.startswith('--')):
         if not arg.startswith('--'):  # a config file: plain Python run in the script's globals
             if not os.path.isfile(arg):
                 raise UserError(f"config file not found: {arg} (expected a path to a .py file of key = value lines)")
-            before = dict(g)
             with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), g)
+                source = f.read()
+            try:
+                code, assigned = compile(source, arg, 'exec'), _assigned(source)
+            except SyntaxError as e:
+                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}") from None
+            before = dict(g)
+            exec(code, g)
             for k, v in list(g.items()):
-                if k.startswith('_') or not isinstance(v, CONFIG_TYPES) or (k in before and before[k] is v):
+                if k.startswith('_') or not isinstance(v, CONFIG_TYPES) or (k in before and before[k] is v and
+                                                                            k not in assigned):
                     continue
                 if k not in defaults:
                     raise _unknown(k, defaults, f"config file {arg}")
-                g[k] = _check_type(k, v, defaults[k], f"config file {arg}")
+                g[k], given[k] = _check_type(k, v, defaults[k], f"config file {arg}"), f"config file {arg}"
         else:
             if '=' not in arg:
                 raise UserError(f"command line: '{arg}' is not of the form --key=value")
@@ -114,7 +227,10 @@ def configure(g, argv=None):
                 value = text  # not a Python literal: a plain string, e.g. --device=cpu
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # a string key takes the text as typed, e.g. --start=123
-            g[key] = _check_type(key, value, defaults[key], "command line")
+            g[key], given[key] = _check_type(key, value, defaults[key], "command line"), "command line"
+    for k in defaults:
+        check_value(k, g[k], comments.get(k, ''), given.get(k, f"the default of {os.path.basename(path or '')}"))
+    g['_given'] = given
     return {k: g[k] for k in defaults}
 
 
@@ -122,6 +238,36 @@ def config_hash(config):
     """sha256 of the canonical JSON of every key that can change a result."""
     kept = {k: v for k, v in config.items() if k not in HASH_EXCLUDED_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def start_from(g, config, fixed=()):
+    """Resolve init_from and load the checkpoint to start from. With one, the run continues as it was: its saved
+    config is the base, and only the keys given now (command line, config files) change it. A `fixed` key
+    (architecture, data, seed) given with another value than the checkpoint's is an error; any other changed key
+    is applied. Updates config and the script's globals g in place; returns (checkpoint or None, its path,
+    {key: [saved value, new value]} for the keys changed)."""
+    path = resolve_init(config['init_from'], config['out_dir'], config.get('overwrite') or config.get('eval_only'))
+    if path is None:
+        return None, None, {}
+    ckpt, given = load_checkpoint(path), g.get('_given', {})
+    saved = ckpt['args']
+    clash = [f"{k}={config[k]!r} (the checkpoint's: {saved[k]!r})" for k in fixed
+             if k in given and k in saved and config[k] != saved[k]]
+    if clash:
+        raise UserError(f"{path}: {', '.join(clash)}: a run keeps its architecture, data and seed when it continues; "
+                        f"drop {'this' if len(clash) == 1 else 'these'} or start a new run (another --out_dir)")
+    changed = {}
+    for k in config:
+        if k in INVOCATION_KEYS or k not in saved:
+            continue
+        if k not in given:
+            config[k] = g[k] = saved[k]
+        elif config[k] != saved[k]:
+            changed[k] = [saved[k], config[k]]
+    comments = declared_keys(os.path.abspath(g['__file__'])) if g.get('__file__') else {}
+    for k in config:  # the saved values too: a key's declared range may be newer than the run
+        check_value(k, config[k], comments.get(k, ''), given.get(k, path))
+    return ckpt, path, changed
 
 
 # -----------------------------------------------------------------------------
@@ -163,6 +309,16 @@ def autocast_context(device, dtype):
     raise UserError(f"dtype={dtype!r} on device {device!r}: expected 'auto', 'float32', or 'bfloat16' on CUDA")
 
 
+def compile_model(model, enabled, backend='inductor'):
+    """torch.compile when asked (opt-in). Where compilation fails, the model runs eagerly instead of stopping the
+    run (dynamo's suppress_errors: a warning, then the plain module's code)."""
+    if not enabled:
+        return model
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model, backend=backend)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -183,39 +339,30 @@ def init_distributed(device):
     return True, rank, world_size, device
 
 
-def finish_distributed(ddp):
-    """Leave the process group together: a rank that tears gloo down while another is still busy (rank 0 running the
-    test) can abort at exit, so every rank waits at a barrier first."""
+def finish(ddp, stopped=None):
+    """Leave the process group together (a rank that tears gloo down while another is still busy can abort at
+    exit, so every rank waits at a barrier first); a run stopped by Ctrl-C then exits 130, as a shell expects."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if stopped == 'interrupted':
+        sys.exit(130)
 
 
-def all_ranks_any(flag, ddp, device):
-    """True on every rank if `flag` is true on any rank (so all ranks stop at the same iteration)."""
+def stop_requested(ddp, device):
+    """None, or why the run must stop now ('interrupted': Ctrl-C, 'signal': SIGTERM/SIGUSR1); under DDP the same
+    answer on every rank (a collective), so all ranks save at the same step."""
     if not ddp:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return STOP.reason
+    t = torch.tensor([(None, 'signal', 'interrupted').index(STOP.reason)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return (None, 'signal', 'interrupted')[int(t.item())]
 
 
-class StopSignal:
-    """SIGTERM/SIGUSR1 (SLURM pre-emption, scancel) set `requested`; the loop saves last.pt and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
-def matmul_peak_flops(device, m=4096, k=256, n=1024):
-    """FLOP/s to compute MFU against: the datasheet dense peak on known GPUs (bf16), else the measured median of
-    an fp32 (m,k)@(k,n) matmul on this device (CPU: the honest peak of this machine, not an A100's)."""
+def matmul_peak_flops(device, m=4096, k=256, n=1024, repeats=20):
+    """FLOP/s to compute MFU against: the datasheet dense peak on known GPUs (bf16), else the best of `repeats` fp32
+    (m,k)@(k,n) matmuls on this device (CPU: the honest peak of this machine; the best, because a busy CPU only
+    ever makes a matmul slower)."""
     if device.startswith('cuda'):
         name = torch.cuda.get_device_name(device)
         for key, peak in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40', 181e12), ('A10', 125e12)):
@@ -230,11 +377,102 @@ def matmul_peak_flops(device, m=4096, k=256, n=1024):
     while time.perf_counter() < t_end:  # CPUs reach full speed only after ~0.1-0.3 s of work (clocks, thread pool)
         a @ b
     times = []
-    for _ in range(20):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / sorted(times)[len(times) // 2]
+    return 2 * m * k * n / min(times)
+
+
+class MFU:
+    """Model FLOPs utilisation of a step: its FLOPs per second over the peak measured on this device. MFU above
+    100% means the peak was measured while something else held the device: it is measured again (the best one is
+    kept) and, if the step is still faster, the step's own rate becomes the peak: it is a lower bound of it."""
+
+    def __init__(self, device, flops_per_step, matmul_shape, log=print):
+        self.device, self.flops, self.shape, self.log = device, flops_per_step, matmul_shape, log
+        self.peak = matmul_peak_flops(device, *matmul_shape)
+        if self.peak:
+            m, k, n = matmul_shape
+            log(f"mfu: against {self.peak / 1e9:,.1f} GFLOP/s, " + ("the bf16 datasheet peak of this GPU" if device
+                .startswith('cuda') else f"the best of 20 fp32 ({m}x{k})@({k}x{n}) matmuls on {device}, measured now"))
+
+    def __call__(self, seconds_per_step):
+        if not self.peak or not self.flops:
+            return None
+        if self.flops / seconds_per_step > self.peak:
+            old = self.peak
+            self.peak = max(self.peak, matmul_peak_flops(self.device, *self.shape), self.flops / seconds_per_step)
+            self.log(f"mfu: peak measured again: {self.peak / 1e9:.1f} GFLOP/s (was {old / 1e9:.1f}: a step beat it, "
+                     f"so the device was busy when it was measured)")
+        return self.flops / seconds_per_step / self.peak
+
+
+# -----------------------------------------------------------------------------
+# log lines: one number format, durations, ETA, and progress of data preparation
+# -----------------------------------------------------------------------------
+
+def fmt(value, spec='.4f'):
+    """A number in a log line; a missing value (None, nan) prints as '-'."""
+    return '-' if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def hms(seconds):
+    """12.3s, 4m05s, 2h07m; '-' when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return '-'
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s" if seconds < 3600 else \
+        f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def fields(metrics):
+    """'name value | name value' for the metrics of an eval or epoch line (the names of scalars.csv's columns)."""
+    return ' | '.join(f"{k} {fmt(v, 'd' if isinstance(v, int) else '.4f')}" for k, v in metrics.items())
+
+
+def step_line(where, loss, lr, seconds_per_step, mfu, clock):
+    """The progress line of every script's training steps: 'iter 120/2000 | loss 1.2345 | lr 3.0e-04 |
+    45.1 ms/step | mfu 61.2% | elapsed 1m05s | eta 3m10s'."""
+    return (f"{where} | loss {loss:.4f} | lr {lr:.1e} | {1000 * seconds_per_step:.1f} ms/step | "
+            f"mfu {fmt(mfu, '.1%')} | {clock}")
+
+
+def epoch_line(where, metrics, samples_per_s, seconds_per_step, data_share, clock):
+    """The line of every epoch script's finished epochs: the epoch's scalars.csv values by their column names, then
+    samples/s over all ranks, ms/step, the share of the time spent making batches, elapsed, ETA."""
+    return (f"{where} | {fields(metrics)} | {samples_per_s:.1f} samples/s | {1000 * seconds_per_step:.1f} ms/step | "
+            f"data {data_share:.0%} | {clock}")
+
+
+class Clock:
+    """Elapsed time and ETA of a loop of `total` steps, from this process's own pace (the steps a resumed run made
+    before are not timed)."""
+
+    def __init__(self, done, total):
+        self.first, self.total, self.t0 = done, total, time.time()
+
+    def __call__(self, done):
+        elapsed = time.time() - self.t0
+        rate = (done - self.first) / elapsed if done > self.first else None
+        return f"elapsed {hms(elapsed)} | eta {hms((self.total - done) / rate if rate else None)}"
+
+
+def progress(items, what, total=None, chunk=1, log=print, every=5.0, last=True):
+    """Yield from items, printing 'what: done/total | rate/s | eta' every `every` seconds and (if `last`) one last
+    line with the time taken: the loops of data preparation (built-in data, caches). Each item counts `chunk`."""
+    t0 = shown = time.time()
+    done = 0
+    for item in items:
+        yield item
+        done, now = min(done + chunk, total or math.inf), time.time()
+        if now - shown >= every:
+            rate, shown = done / (now - t0), now
+            log(f"{what}: {done:,}" + (f"/{total:,} | {rate:,.1f}/s | eta {hms((total - done) / rate)}" if total
+                                      else f" | {rate:,.1f}/s"))
+    if last:
+        log(f"{what}: {done:,}" + (f"/{total:,}" if total else '') + f" | {hms(time.time() - t0)}")
 
 
 # -----------------------------------------------------------------------------
@@ -256,20 +494,22 @@ def git_commit():
 
 
 class RunDir:
-    """Writes the run directory on rank 0; on other ranks every method is a no-op (printing included)."""
+    """Writes the run directory on rank 0; on other ranks every method is a no-op (printing included). Creating it
+    arms the stop signals: from here on Ctrl-C and SIGTERM let the loop save before it exits."""
 
-    def __init__(self, out_dir, config, resume, master=True, **provenance):
+    def __init__(self, out_dir, config, resumed_from=None, changed=None, master=True, **provenance):
         self.out_dir, self.master, self.start = out_dir, master, time.time()
         self.run_id = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
         self.config_hash = config_hash(config)
+        STOP.armed = True
         if not master:
             return
         os.makedirs(out_dir, exist_ok=True)
-        mode = 'a' if resume else 'w'  # a resumed run appends to its own history
+        mode = 'a' if resumed_from else 'w'  # a resumed run appends to its own history
         self._log = open(os.path.join(out_dir, 'log.txt'), mode)
         self._events = open(os.path.join(out_dir, 'events.jsonl'), mode)
         scalars = os.path.join(out_dir, 'scalars.csv')
-        if not resume and os.path.exists(scalars):
+        if not resumed_from and os.path.exists(scalars):
             os.remove(scalars)
         self._scalar_columns = None
         if os.path.exists(scalars):
@@ -279,8 +519,12 @@ class RunDir:
         facts = dict(config=config, run_id=self.run_id, config_hash=self.config_hash, git_commit=git_commit(),
                      git_dirty=bool(status) if status is not None else None, argv=sys.argv,
                      python=platform.python_version(), torch=torch.__version__,
-                     start_time=datetime.datetime.now().isoformat(timespec='seconds'), **provenance)
+                     start_time=datetime.datetime.now().isoformat(timespec='seconds'), resumed_from=resumed_from,
+                     changed=changed or {}, **provenance)
         write_atomic(os.path.join(out_dir, 'config.json'), json.dumps(facts, indent=2).encode())
+        news = ', '.join(f"{k} {old!r} -> {new!r}" for k, (old, new) in (changed or {}).items())
+        self.print(f"run {out_dir} | " + (f"from {resumed_from}" + (f" | changed: {news}" if news else '')
+                                          if resumed_from else 'new') + f" | config_hash {self.config_hash[:12]}")
 
     def print(self, *args):
         if self.master:
@@ -308,12 +552,52 @@ class RunDir:
         if list(row) != self._scalar_columns:
             raise UserError(f"{path}: columns {list(row)} differ from the file's header {self._scalar_columns}")
         with open(path, 'a', newline='') as f:
-            csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row.values()])
+            csv.writer(f).writerow(['' if v is None else f"{v:.6g}" if isinstance(v, float) else v
+                                    for v in row.values()])
 
     def write_text(self, name, text, mode='w'):
         if self.master:
             with open(os.path.join(self.out_dir, name), mode) as f:
                 f.write(text)
+
+    def end(self, reason, where, summary=None, **facts):
+        """The end event (reason and facts) and the run's last line: what a finished run reached and where its files
+        are, or for a stopped one ('interrupted', 'signal') the one command that continues it."""
+        self.event('end', reason=reason, **facts)
+        if reason in ('interrupted', 'signal'):
+            torchrun = int(os.environ.get('WORLD_SIZE', 1)) > 1
+            self.print(f"stopped ({'Ctrl-C' if reason == 'interrupted' else 'signal'}) at {where} | saved "
+                       f"{self.out_dir}/last.pt | continue: {'torchrun ...' if torchrun else 'python'} {sys.argv[0]} "
+                       f"--out_dir={self.out_dir} --init_from=resume")
+        else:
+            saved = [n for n in ('best.pt', 'last.pt') if os.path.exists(os.path.join(self.out_dir, n))]
+            self.print(f"{reason} at {where} | " + (f"{fields(summary)} | " if summary else '') +
+                       f"took {hms(time.time() - self.start)} | {self.out_dir}: {' '.join(saved) or 'no checkpoints'}")
+
+
+def read_events(out_dir):
+    """A run directory's events.jsonl as a list (empty when there is none); a line that is not JSON is a UserError
+    naming the file and the line."""
+    path, records = os.path.join(out_dir, 'events.jsonl'), []
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                if line.strip():
+                    records.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path}, line {n}: not a JSON object ({e})") from None
+    return records
+
+
+def run_finished(events):
+    """The end event of a finished training run, else None: its last start/end event (eval_only passes aside, a
+    resumed run appends its own) must be an end with reason 'done'."""
+    lifecycle = [e for e in events if e.get('event') in ('start', 'end') and not e.get('eval_only')
+                 and e.get('reason') != 'eval_only']
+    done = bool(lifecycle) and lifecycle[-1]['event'] == 'end' and lifecycle[-1].get('reason') == 'done'
+    return lifecycle[-1] if done else None
 
 
 # -----------------------------------------------------------------------------
@@ -360,6 +644,16 @@ def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def load_optimizer_state(optimizer, state):
+    """Load an optimizer's moments and step counts but keep the hyperparameters it was built with (learning rate,
+    weight decay, betas, fused, ...): the saved state carries the old ones, and the config decides (on resume it is
+    the saved config unless this command line changed a key)."""
+    built = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, built):
+        group.update(values)
 
 
 def save_checkpoint(path, **fields):

@@ -16,6 +16,7 @@ import pickle
 import struct
 import sys
 import sysconfig
+import time
 import wave
 import zipfile
 import zlib
@@ -24,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from common import UserError, write_atomic
+from common import UserError, progress, write_atomic
 
 # -----------------------------------------------------------------------------
 # text: ASCII character tokenizer, corpora, token cache, windows and a resumable batch sampler
@@ -151,9 +152,10 @@ class WindowSampler:
     permutation. The state is (epoch, cursor): saved in checkpoints so a resumed run replays nothing."""
 
     def __init__(self, n_windows, batch_size, seed, rank=0, world_size=1, lengths=None):
-        if n_windows // world_size < batch_size:
-            raise UserError(f"{n_windows} training windows/clips cannot fill one batch of {batch_size} per rank "
-                            f"on {world_size} rank(s): use more data or a smaller batch_size (or block_size)")
+        if n_windows < world_size:
+            raise UserError(f"{n_windows} training windows/clips cannot give each of {world_size} ranks one: use more "
+                            f"data (or a smaller block_size) or fewer ranks")
+        batch_size = min(batch_size, n_windows // world_size)  # a split smaller than a batch trains on what it has
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n_windows, batch_size, seed, rank, world_size
         self.lengths = None if lengths is None else np.asarray(lengths)  # given: batch items of similar length
         self.epoch, self.cursor = 0, 0
@@ -289,7 +291,7 @@ def read_spoter_csv(path):
             if not header:
                 raise UserError(f"pose CSV {path} is empty: expected a header of 'labels' and <landmark>_X/_Y")
             label_column, columns = _spoter_header(path, header)
-            for row_number, row in enumerate(reader, start=1):
+            for row_number, row in progress(enumerate(reader, start=1), f"pose CSV {path}: rows"):
                 if not row:
                     continue  # a blank line (often the last one); row numbers still count it, like a line number
                 if len(row) != len(header):
@@ -882,7 +884,7 @@ def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0
         pass
     os.makedirs(folder, exist_ok=True)
     hashes = {}
-    for i, (split, path) in enumerate(paths.items()):
+    for i, (split, path) in progress(enumerate(paths.items()), f"built-in signs {folder}: CSV files", 3):
         write_spoter_csv(path, *make_sign_clips(num_classes, clips_per_class[i], seed=3 * seed + i))
         hashes[split] = file_sha256(path)
     write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=hashes), indent=2).encode())  # last: marks done
@@ -1159,14 +1161,15 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
                                          'fmax', 'top_db')}
     frames = 1 + length // features['hop_length']
     os.makedirs(os.path.dirname(h5_path) or '.', exist_ok=True)
-    tmp, threads = f'{h5_path}.tmp{os.getpid()}', torch.get_num_threads()  # two processes never share a .tmp
+    tmp, threads, t0 = f'{h5_path}.tmp{os.getpid()}', torch.get_num_threads(), time.time()  # a .tmp per process
     torch.set_num_threads(1)  # one clip at a time is fastest on one thread (batched STFTs are slower on CPU)
     try:
         with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
             out = f.create_dataset('features', (0, features['n_mels'], frames), 'f4', chunks=(1, features['n_mels'],
                                    frames), maxshape=(None, features['n_mels'], frames))
             kept, skipped, total, total_sq, batch = [], 0, 0.0, 0.0, []
-            for i, (source, label) in enumerate(items):
+            for i, (source, label) in progress(enumerate(items), f"cache {h5_path}: clips", len(items), log=log,
+                                               last=False):  # the line after the loop says how it went
                 waveform = _load_clip(source, array_rate, features['sample_rate'])
                 if len(waveform) == 0 or not np.isfinite(waveform).all():
                     skipped += 1  # the upstream skips these too; counted and reported, never zero-filled
@@ -1191,7 +1194,9 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
             f.attrs['complete'] = True  # last: a file without it was interrupted
     finally:
         torch.set_num_threads(threads)
-    log(f"cache {h5_path}: {len(kept):,} clips written, {skipped} empty/non-finite clips skipped")
+    seconds = time.time() - t0
+    log(f"cache {h5_path}: {len(kept):,} clips written in {seconds:.1f}s ({len(items) / max(seconds, 1e-9):,.0f} "
+        f"clips/s), {skipped} empty/non-finite clips skipped")
 
 
 def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root='', data='',
@@ -1333,7 +1338,7 @@ def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
     splits = rng.choice(['train', 'val', 'test'], size=n_clips, p=[0.7, 0.15, 0.15])
     os.makedirs(os.path.join(folder, 'wavs'), exist_ok=True)
     rows = ['path,label,split']
-    for i, (kind, split) in enumerate(zip(kinds, splits)):
+    for i, (kind, split) in progress(enumerate(zip(kinds, splits)), f"built-in sleep sounds {folder}: WAVs", n_clips):
         name = f'wavs/{i:05d}_{SLEEP_CLASSES[kind]}.wav'
         write_wav(os.path.join(folder, name), sleep_sound(SLEEP_CLASSES[kind], rng, sample_rate), sample_rate)
         rows.append(f'{name},{SLEEP_CLASSES[kind]},{split}')
@@ -1367,7 +1372,7 @@ def render_sprites(classes, chunk=2048):
     values = sprite_factor_values(classes)
     pixel = np.arange(64) + 0.5  # pixel centres
     out = np.zeros((len(classes), 64, 64), dtype=np.uint8)
-    for start in range(0, len(classes), chunk):
+    for start in progress(range(0, len(classes), chunk), "built-in sprites: images", len(classes), chunk):
         shape, s, angle, px, py = (values[start:start + chunk, k][:, None, None] for k in range(1, 6))
         du = pixel[None, None, :] - (16 + 32 * px)  # (B, 1, 64): column offset
         dv = pixel[None, :, None] - (16 + 32 * py)  # (B, 64, 1): row offset, pointing down

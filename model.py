@@ -281,13 +281,13 @@ def conv_stack(pool_last):
 class TinyCNN(nn.Module):
     """Three conv blocks -> global average pool -> linear: 23,491 parameters at 3 classes."""
 
-    def __init__(self, n_classes=3):
+    def __init__(self, num_classes=3):
         super().__init__()
         self.features = conv_stack(pool_last=False)
-        self.head = nn.Linear(64, n_classes)
+        self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))  # (B, 64, F/4, T/4) -> (B, 64) -> (B, n_classes)
+        return self.head(self.features(x).mean(dim=(2, 3)))  # (B, 64, F/4, T/4) -> (B, 64) -> (B, num_classes)
 
 
 class CRNN(nn.Module):
@@ -295,13 +295,13 @@ class CRNN(nn.Module):
     over steps, rnn_pool='mean': the last step sits in the zero-padded tail of most clips) -> linear.
     73,411 parameters at 3 classes."""
 
-    def __init__(self, n_classes=3, hidden=64, rnn_layers=2, rnn_pool='last'):
+    def __init__(self, num_classes=3, hidden=64, rnn_layers=2, rnn_pool='last'):
         super().__init__()
         if rnn_pool not in ('last', 'mean'):
             raise ValueError(f"rnn_pool={rnn_pool!r}: expected 'last' or 'mean'")
         self.features, self.rnn_pool = conv_stack(pool_last=False), rnn_pool
         self.rnn = nn.GRU(64, hidden, num_layers=rnn_layers, batch_first=True)
-        self.head = nn.Linear(hidden, n_classes)
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
         x = self.features(x).mean(dim=2).transpose(1, 2)  # (B, 64, F/4, T/4) -> (B, T/4, 64)
@@ -330,20 +330,20 @@ class CBAM(nn.Module):
 class TinyCNN_CBAM(TinyCNN):
     """TinyCNN with CBAM(32) between block 2's pool and block 3: 23,801 parameters at r 8, k 3."""
 
-    def __init__(self, n_classes=3, reduction=8, kernel_size=7):
-        super().__init__(n_classes)
+    def __init__(self, num_classes=3, reduction=8, kernel_size=7):
+        super().__init__(num_classes)
         self.features.insert(6, CBAM(32, reduction, kernel_size))  # after conv, relu, pool, conv, relu, pool
 
 
-def audio_model(model, n_classes=3, cbam_reduction=8, cbam_kernel=7, rnn_pool='last'):
-    """The model named by train_audio.py's `model` key; train_kd.py builds its students through this too."""
-    if model == 'tinycnn':
-        return TinyCNN(n_classes)
-    if model == 'crnn':
-        return CRNN(n_classes, rnn_pool=rnn_pool)
-    if model == 'tinycnn_cbam':
-        return TinyCNN_CBAM(n_classes, cbam_reduction, cbam_kernel)
-    raise ValueError(f"model={model!r}: expected 'crnn', 'tinycnn' or 'tinycnn_cbam'")
+def audio_model(arch, num_classes=3, cbam_reduction=8, cbam_kernel=7, rnn_pool='last'):
+    """The model named by train_audio.py's `arch` key; train_kd.py builds its students through this too."""
+    if arch == 'tinycnn':
+        return TinyCNN(num_classes)
+    if arch == 'crnn':
+        return CRNN(num_classes, rnn_pool=rnn_pool)
+    if arch == 'tinycnn_cbam':
+        return TinyCNN_CBAM(num_classes, cbam_reduction, cbam_kernel)
+    raise ValueError(f"arch={arch!r}: expected 'crnn', 'tinycnn' or 'tinycnn_cbam'")
 
 
 def kd_loss(student_logits, teacher_logits, targets, alpha, temperature, class_weights=None):
@@ -360,11 +360,11 @@ def kd_loss(student_logits, teacher_logits, targets, alpha, temperature, class_w
 # metrics
 # -----------------------------------------------------------------------------
 
-def confusion_matrix(predictions, targets, n_classes):
-    """(n_classes, n_classes) int64 counts, rows = true class, columns = predicted class."""
-    counts = torch.bincount(torch.as_tensor(targets) * n_classes + torch.as_tensor(predictions),
-                            minlength=n_classes * n_classes)
-    return counts.reshape(n_classes, n_classes)  # (true, predicted)
+def confusion_matrix(predictions, targets, num_classes):
+    """(num_classes, num_classes) int64 counts, rows = true class, columns = predicted class."""
+    counts = torch.bincount(torch.as_tensor(targets) * num_classes + torch.as_tensor(predictions),
+                            minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)  # (true, predicted)
 
 
 def per_class_scores(confusion):
@@ -401,18 +401,18 @@ class BetaVAE(nn.Module):
     class_frequencies (C,): the output bias starts at their logs, so the first prediction is the class prior
     instead of uniform (no early all-background plateau to climb out of)."""
 
-    def __init__(self, in_classes, image_size=64, latent_dim=10, hidden=256, class_frequencies=None):
+    def __init__(self, num_classes, image_size=64, latent_dim=10, hidden=256, class_frequencies=None):
         super().__init__()
         if image_size % 16 or image_size < 16:
             raise ValueError(f"image_size={image_size}: expected a multiple of 16 (four stride-2 convolutions)")
-        self.in_classes, self.latent_dim, self.side = in_classes, latent_dim, image_size // 16
+        self.num_classes, self.latent_dim, self.side = num_classes, latent_dim, image_size // 16
         flat = 64 * self.side * self.side
-        self.encoder = nn.Sequential(_conv(in_classes, 32), nn.ReLU(), _conv(32, 32), nn.ReLU(), _conv(32, 64),
+        self.encoder = nn.Sequential(_conv(num_classes, 32), nn.ReLU(), _conv(32, 32), nn.ReLU(), _conv(32, 64),
                                      nn.ReLU(), _conv(64, 64), nn.ReLU(), nn.Flatten(), nn.Linear(flat, hidden),
                                      nn.ReLU(), nn.Linear(hidden, 2 * latent_dim))
         self.decoder_fc = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, flat), nn.ReLU())
         self.decoder = nn.Sequential(_deconv(64, 64), nn.ReLU(), _deconv(64, 32), nn.ReLU(), _deconv(32, 32),
-                                     nn.ReLU(), _deconv(32, in_classes))
+                                     nn.ReLU(), _deconv(32, num_classes))
         if class_frequencies is not None:
             freq = torch.as_tensor(class_frequencies, dtype=torch.float32).clamp_min(1e-6)
             with torch.no_grad():
@@ -420,7 +420,7 @@ class BetaVAE(nn.Module):
 
     def encode(self, images):
         """images (B, S, S) class ids -> mu, logvar (B, latent_dim) each."""
-        one_hot = torch.zeros(images.size(0), self.in_classes, *images.shape[1:], device=images.device)
+        one_hot = torch.zeros(images.size(0), self.num_classes, *images.shape[1:], device=images.device)
         one_hot.scatter_(1, images.unsqueeze(1), 1.0)  # (B, C, S, S)
         return self.encoder(one_hot).chunk(2, dim=1)
 
@@ -471,18 +471,18 @@ def class_weights(counts, method):
     present = counts > 0
     if not present.any():
         raise ValueError("class_weights: every class count is zero")
-    total, n_classes = counts.sum(), len(counts)
+    total, num_classes = counts.sum(), len(counts)
     freq = counts[present] / total
     if method == 'inverse':
-        w = 1.0 / (n_classes * freq)
+        w = 1.0 / (num_classes * freq)
     elif method == 'sqrt_inverse':
-        w = (1.0 / (n_classes * freq)).sqrt()
+        w = (1.0 / (num_classes * freq)).sqrt()
     elif method == 'balanced':
         w = freq.median() / freq
     else:
         raise ValueError(f"class_weight_method={method!r}: expected 'inverse', 'sqrt_inverse' or 'balanced'")
     w = w / (freq * w).sum()  # mean per-pixel weight 1
-    weights = torch.full((n_classes,), float(w.max()), dtype=torch.float64)
+    weights = torch.full((num_classes,), float(w.max()), dtype=torch.float64)
     weights[present] = w
     return weights.float()
 

@@ -19,7 +19,7 @@ import re
 import statistics
 import sys
 
-from common import HASH_EXCLUDED_KEYS, UserError, configure, write_atomic
+from common import HASH_EXCLUDED_KEYS, UserError, configure, read_events, run_finished, write_atomic
 
 # -----------------------------------------------------------------------------
 # default config (positional arguments that are folders are the folders to read)
@@ -65,19 +65,6 @@ def find_runs(folder):
     return sorted(found)
 
 
-def read_json_lines(path):
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise UserError(f"{path}, line {n}: not a JSON object ({e}); fix or move this run "
-                                    f"directory (nothing was written)") from None
-    return records
-
-
 def read_scalars(path):
     """-> (header, rows as {column: float or None}); the first column is the x axis ('iter' or 'epoch')."""
     with open(path, newline='') as f:
@@ -94,13 +81,6 @@ def read_scalars(path):
         except ValueError as e:
             raise UserError(f"{path}, line {n}: {e} (nothing was written)") from None
     return header, rows
-
-
-def is_finished(events):
-    """The last start/end event (eval_only passes aside) is an end with reason 'done': resumed runs append."""
-    lifecycle = [e for e in events if e.get('event') in ('start', 'end') and not e.get('eval_only')
-                 and e.get('reason') != 'eval_only']
-    return bool(lifecycle) and lifecycle[-1]['event'] == 'end' and lifecycle[-1].get('reason') == 'done'
 
 
 def wall_time(events):
@@ -130,7 +110,10 @@ def read_run(path, folder):
                             f"this run directory (nothing was written)") from None
         run['seed'] = run['config'].get('seed', '')
     if 'events.jsonl' not in missing:
-        run['events'] = read_json_lines(os.path.join(path, 'events.jsonl'))
+        try:
+            run['events'] = read_events(path)
+        except UserError as e:
+            raise UserError(f"{e}; fix or move this run directory (nothing was written)") from None
     if 'scalars.csv' not in missing:
         run['header'], run['rows'] = read_scalars(os.path.join(path, 'scalars.csv'))
     model_txt = os.path.join(path, 'model.txt')
@@ -142,12 +125,11 @@ def read_run(path, folder):
     run.update(val_metric=val, test_metric=test, better=better)
     if missing:
         run['status'] = f"incomplete: no {', '.join(missing)}"
-    elif not is_finished(run['events']):
+    elif not run_finished(run['events']):
         run['status'] = "incomplete: no end event 'done' (running, stopped or failed)"
     values = [r[val] for r in run['rows'] if r.get(val) is not None]
     run['best_val'] = (max if better == 'max' else min)(values) if values else ''
-    ends = [e for e in run['events'] if e.get('event') == 'end' and e.get('reason') == 'done']
-    run['test'] = ends[-1].get(test, '') if ends and run['status'] == 'done' else ''
+    run['test'] = run_finished(run['events']).get(test, '') if run['status'] == 'done' else ''
     run['steps'] = int(run['rows'][-1][run['header'][0]]) if run['rows'] else ''
     run['step_unit'] = run['header'][0] if run['header'] else ''
     run['wall_time_s'] = wall_time(run['events']) if run['events'] else ''

@@ -16,10 +16,10 @@ from model import CharTransformer, TransformerConfig
 out_dir = 'out/slm'  # run directory to sample from: its best.pt, else its last.pt
 ckpt = ''  # an explicit checkpoint path; overrides out_dir
 start = '\n'  # the prompt, or FILE:path to read it from a file
-num_samples = 1  # independent samples, generated as one batch
-max_new_tokens = 500  # characters generated per sample
-temperature = 1.0  # < 1 sharper, > 1 more random
-top_k = 0  # keep only the k most likely characters at each step; 0 = off
+num_samples = 1  # independent samples, generated as one batch, in [1, inf)
+max_new_tokens = 500  # characters generated per sample, in [0, inf)
+temperature = 1.0  # < 1 sharper, > 1 more random, in (0, inf)
+top_k = 0  # keep only the k most likely characters at each step; 0 = off; [0, inf)
 seed = 1337  # the same seed and prompt give the same samples
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 config = configure(globals())

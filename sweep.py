@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import UserError, config_hash, configure
+from common import STOP, UserError, config_hash, configure, read_events, run_finished
 
 # -----------------------------------------------------------------------------
 # default config (a campaign config file sets runs and seeds; the command line the rest)
@@ -155,30 +155,18 @@ def check_campaign():
 # reading a run directory: the facts the scripts wrote (config.json, events.jsonl, scalars.csv)
 # -----------------------------------------------------------------------------
 
-def read_events(out_dir):
-    path = os.path.join(out_dir, 'events.jsonl')
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def run_state(out_dir):
-    """-> (recorded config_hash or None, finished: bool, has last.pt, why not readable or None).
-    Finished means the last start/end event is an end with reason 'done' (a resumed run appends its events, so an
-    earlier 'done' followed by a new start is not finished); eval_only passes over a run are not training."""
+    """-> (recorded config_hash or None, finished: bool (common.run_finished), has last.pt, why not readable or
+    None)."""
     try:
         with open(os.path.join(out_dir, 'config.json')) as f:
             recorded = json.load(f)['config_hash']
         events = read_events(out_dir)
     except FileNotFoundError:
         return None, False, os.path.exists(os.path.join(out_dir, 'last.pt')), None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, UserError) as e:
         return None, False, os.path.exists(os.path.join(out_dir, 'last.pt')), f"unreadable facts ({e})"
-    lifecycle = [e for e in events if e.get('event') in ('start', 'end') and not e.get('eval_only')
-                 and e.get('reason') != 'eval_only']
-    finished = bool(lifecycle) and lifecycle[-1]['event'] == 'end' and lifecycle[-1].get('reason') == 'done'
-    return recorded, finished, os.path.exists(os.path.join(out_dir, 'last.pt')), None
+    return recorded, run_finished(events) is not None, os.path.exists(os.path.join(out_dir, 'last.pt')), None
 
 
 def best_metric(out_dir, metric, mode):
@@ -256,10 +244,11 @@ def command(plan, interpreter=sys.executable):
 
 
 def execute(plan):
-    """Run one planned run as a subprocess; its output goes to the terminal and to out_dir/sweep_log.txt."""
+    """Run one planned run as a subprocess; its output goes to the terminal and to out_dir/sweep_log.txt. A Ctrl-C
+    reaches the run too (one process group): the sweep waits while it saves, then stops (a second Ctrl-C aborts)."""
     os.makedirs(plan['out_dir'], exist_ok=True)
     cmd = command(plan)
-    t0 = time.time()
+    t0, STOP.armed = time.time(), True
     with open(os.path.join(plan['out_dir'], 'sweep_log.txt'), 'a') as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} | {plan['action']} | {shlex.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -268,12 +257,13 @@ def execute(plan):
             log.write(line)
         code = proc.wait()
     finished = run_state(plan['out_dir'])[:2] == (plan['config_hash'], True)
+    STOP.armed = False
     if code == GATED_EXIT_CODE:
         status = 'gated'
     elif code == 0 and finished:
         status = 'done'
     else:
-        status = 'failed' if code != 0 else 'interrupted'  # exit 0 but no 'done' end event: a pre-emption signal
+        status = 'interrupted' if code in (0, 130) else 'failed'  # saved and stopped (a signal, Ctrl-C): resumable
     return dict(status=status, returncode=code, seconds=round(time.time() - t0, 1))
 
 
@@ -329,6 +319,10 @@ def run_campaign():
         summary.append((plan, result))
         print(f"sweep {i + 1}/{len(todo)} | {plan['name']} seed {seed} | {result['status']} | "
               f"{result['seconds']:.1f}s", flush=True)
+        if STOP.reason:  # Ctrl-C or SIGTERM: the run saved its last.pt; the next sweep resumes it
+            print(f"sweep | stopping ({STOP.reason}): {plan['name']} seed {seed} ended {result['status']}; run the "
+                  f"same command again to continue", flush=True)
+            break
         if result['status'] == 'failed' and stop_on_error:
             print(f"sweep | stopping: {plan['name']} seed {seed} failed (exit {result['returncode']}) and "
                   f"stop_on_error=True", flush=True)
@@ -349,4 +343,4 @@ if __name__ == '__main__':
     for plan, result in summary:
         if result['status'] in ('failed', 'interrupted', 'blocked'):
             print(f"  {result['status']}: {plan['name']} seed {plan['seed']} ({plan['out_dir']}/sweep_log.txt)")
-    sys.exit(1 if counts.get('failed') else 0)
+    sys.exit(130 if STOP.reason == 'interrupted' else 1 if counts.get('failed') else 0)

@@ -15,52 +15,54 @@ import math
 import os
 import time
 
+from common import (Clock, MFU, RunDir, UserError, autocast_context, compile_model, configure, fields, finish,
+                    init_distributed, load_optimizer_state, rng_states_all_ranks, save_checkpoint, seed_everything,
+                    set_rng_state, start_from, step_line,
+                    stop_requested)  # first: its stop signals cover the slow imports below
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hooks as hooklib
-from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, finish_distributed,
-                    init_distributed, load_checkpoint, matmul_peak_flops, resolve_init, rng_states_all_ranks,
-                    save_checkpoint, seed_everything, set_rng_state)
 from data import CharTokenizer, WindowSampler, get_batch, prepare_text, window_starts
 from model import CharTransformer, TransformerConfig, lm_loss
 
 # -----------------------------------------------------------------------------
-# default config: every knob, one per line (config files and --key=value override these)
+# default config: every knob, one per line (config files and --key=value override these); a comment that starts
+# with quoted values 'a' | 'b' or ends with an interval [1, inf) declares what the key accepts: configure() checks
 # -----------------------------------------------------------------------------
 out_dir = 'out/slm'  # run directory; fixed, so a requeued job finds its own checkpoint
-init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt) | 'auto' (resume if last.pt exists, else scratch)
+init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt) | 'auto' (resume if last.pt exists) | a .pt path
 overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
 # data
 dataset = ''  # path to a UTF-8 text file; '' = the running Python's standard-library .py sources (~8 MB)
 cache_dir = 'cache'  # tokenized data is cached here, keyed by the source's sha256
-block_size = 256  # context length in characters
-stride = 0  # distance between training window starts; 0 = block_size (no overlap), < block_size overlaps
-batch_size = 16  # windows per micro-batch per process
-gradient_accumulation_steps = 1  # micro-batches per optimizer step (tokens/step = this * batch * block * ranks)
+block_size = 256  # context length in characters, in [1, inf)
+stride = 0  # distance between training window starts; 0 = block_size (no overlap), < block_size overlaps; [0, inf)
+batch_size = 16  # windows per micro-batch per process, in [1, inf)
+gradient_accumulation_steps = 1  # micro-batches per optimizer step (tokens/step: this x batch x block x ranks) [1, inf)
 # model
-n_layer = 4  # transformer blocks
-n_head = 4  # attention heads per block
-n_embd = 256  # residual stream width
-d_ff = 1024  # MLP hidden width (its own key, not forced to 4 * n_embd)
-dropout = 0.1  # on the output of each attention and MLP branch (the residual dropout)
-attn_dropout = 0.0  # on attention probabilities (nanoGPT: = dropout); > 0 makes a CPU step ~1.4x slower
-embd_dropout = 0.0  # on the token + position embeddings (nanoGPT: = dropout); 0.1 costs ~0.04 nats at iter 1000
+n_layer = 4  # transformer blocks, in [1, inf)
+n_head = 4  # attention heads per block (n_embd must be a multiple of it), in [1, inf)
+n_embd = 256  # residual stream width, in [1, inf)
+d_ff = 1024  # MLP hidden width (its own key, not forced to 4 * n_embd), in [1, inf)
+dropout = 0.1  # on the output of each attention and MLP branch (the residual dropout), in [0, 1)
+attn_dropout = 0.0  # on attention probabilities (nanoGPT: = dropout); > 0 makes a CPU step ~1.4x slower; [0, 1)
+embd_dropout = 0.0  # on the token + position embeddings (nanoGPT: = dropout); 0.1 costs ~0.04 nats at iter 1000; [0, 1)
 # optimizer: AdamW, constant learning rate after an optional linear warmup
-learning_rate = 3e-4  # peak learning rate
-weight_decay = 0.1  # decoupled weight decay, on weight matrices and embeddings only
-beta1 = 0.9  # Adam first-moment decay
-beta2 = 0.95  # Adam second-moment decay
-warmup_iters = 0  # linear warmup from 0 over this many iterations; 0 = constant from the start
-grad_clip = 1.0  # clip the global gradient norm to this; 0.0 = off
-max_iters = 2000  # optimizer steps in total
+learning_rate = 3e-4  # peak learning rate, in [0, inf)
+weight_decay = 0.1  # decoupled weight decay, on weight matrices and embeddings only, in [0, inf)
+beta1 = 0.9  # Adam first-moment decay, in [0, 1)
+beta2 = 0.95  # Adam second-moment decay, in [0, 1)
+warmup_iters = 0  # linear warmup from 0 over this many iterations; 0 = constant from the start; [0, inf)
+grad_clip = 1.0  # clip the global gradient norm to this; 0.0 = off; [0, inf)
+max_iters = 2000  # optimizer steps in total, in [0, inf)
 # evaluation, logging, sampling
-eval_interval = 200  # evaluate, sample and checkpoint every this many iterations (and at the last one)
-eval_iters = 50  # batches of the fixed, evenly spaced validation windows scored at each eval
-log_interval = 10  # print a training line every this many iterations
+eval_interval = 200  # evaluate, sample and checkpoint every this many iterations (and at the last one), in [1, inf)
+eval_iters = 50  # batches of the fixed, evenly spaced validation windows scored at each eval, in [1, inf)
+log_interval = 10  # print a training line every this many iterations, in [1, inf)
 sample_prompt = 'def '  # the fixed prompt sampled at each eval
-sample_tokens = 200  # characters sampled at each eval (temperature 1.0, no top-k, fixed seed)
+sample_tokens = 200  # characters sampled at each eval (temperature 1.0, no top-k, fixed seed), in [0, inf)
 hooks = []  # learning-dynamics hooks, e.g. ['act_stats', 'attn_entropy', 'grad_noise:std=0.01'] (see hooks.py)
 # system
 seed = 1337  # seeds init, dropout and batch order; rank r of a DDP run uses seed + r for dropout
@@ -70,21 +72,22 @@ compile = False  # torch.compile the model (falls back to eager where compilatio
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# setup: processes, device, seeds, what to start from
+# setup: what to start from (on resume the run's saved config, changed only by the keys given now), every check
+# that needs no data, then processes, device and seeds; nothing is written before the run directory below
+ckpt, resume_path, changed = start_from(globals(), config, fixed=('dataset', 'block_size', 'stride', 'n_layer',
+                                                                  'n_head', 'n_embd', 'd_ff', 'seed'))
+if n_embd % n_head:
+    raise UserError(f"n_embd={n_embd} is not a multiple of n_head={n_head}: each head takes n_embd / n_head dims")
+config['hooks'] = hooks = hooklib.resolve(hooks)  # the resolved list enters config.json and config_hash
+hookset = hooklib.Hooks(hooks)
 ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 dtype, autocast = autocast_context(device, dtype)
-config['hooks'] = hooks = hooklib.resolve(hooks)  # the resolved list enters config.json and config_hash
-hookset = hooklib.Hooks(hooks)
-resume_path = resolve_init(init_from, out_dir, overwrite)
-ckpt = load_checkpoint(resume_path) if resume_path else None
 seed_everything(seed + rank)
 
 # data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
 stride = stride or block_size
-if stride < 1 or block_size < 1:
-    raise UserError(f"stride={stride}, block_size={block_size}: both must be positive")
 tokenizer = CharTokenizer()
 data_dir, meta = prepare_text(dataset, cache_dir)
 train_bin, val_bin = os.path.join(data_dir, 'train.bin'), os.path.join(data_dir, 'val.bin')
@@ -94,21 +97,15 @@ if len(val_starts) == 0:
     raise UserError(f"dataset {dataset or 'stdlib'}: its 5% validation split has {meta['val_tokens']} characters, "
                     f"fewer than one window of block_size+1 = {block_size + 1}; "
                     f"use a longer text or smaller block_size")
-sampler = WindowSampler(len(train_starts), batch_size, seed, rank, world_size)
+sampler = WindowSampler(len(train_starts), batch_size, seed, rank, world_size)  # batch_size capped by the data
 # every eval scores the same validation windows, evenly spaced over the split: curves are comparable
 eval_windows = val_starts[np.unique(np.linspace(0, len(val_starts) - 1, eval_iters * batch_size).astype(int))]
 
-# model (+ resume): on resume the architecture comes from the checkpoint; a conflicting override is an error
+# model (+ resume): the architecture keys are the checkpoint's (start_from); its tokenizer must be ours too
 model_args = dict(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                   n_embd=n_embd, d_ff=d_ff, dropout=dropout, attn_dropout=attn_dropout, embd_dropout=embd_dropout)
-if ckpt:
-    conflicts = [f"{k}={model_args[k]} (checkpoint: {v})" for k, v in ckpt['model_args'].items()
-                 if 'dropout' not in k and model_args[k] != v]
-    if conflicts:
-        raise UserError(f"{resume_path}: resuming takes the architecture from the checkpoint, but the config sets "
-                        f"{', '.join(conflicts)}; drop those overrides or start from scratch")
-    if ckpt['tokenizer'] != tokenizer.to_dict():
-        raise UserError(f"{resume_path}: its tokenizer differs from this script's CharTokenizer")
+if ckpt and ckpt['tokenizer'] != tokenizer.to_dict():
+    raise UserError(f"{resume_path}: its tokenizer differs from this script's CharTokenizer")
 model = CharTransformer(TransformerConfig(**model_args)).to(device)
 if ckpt:
     model.load_state_dict(ckpt['model_state_dict'])
@@ -120,7 +117,7 @@ groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight
 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device.startswith('cuda'))
 iter_num, best_val_loss = 0, float('inf')
 if ckpt:
-    optimizer.load_state_dict(ckpt['optimizer_state_dict'])
+    load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
     sampler.load_state_dict(ckpt['sampler'])
     hookset.load_state_dict(ckpt['hooks_state'])
     states = ckpt['rng_state']
@@ -128,16 +125,13 @@ if ckpt:
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_metric']
 start_iter = iter_num
 raw_model = model  # the un-compiled, un-wrapped module: evaluated, sampled and saved
-if compile:
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True  # a failed compilation runs eager instead of crashing the run
-    model = torch.compile(model)
+model = compile_model(model, compile)
 if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts
-run = RunDir(out_dir, config, resume=ckpt is not None, master=master, hooks=hooks, device=device, dtype=dtype,
-             world_size=world_size, data={k: meta[k] for k in ('source', 'sha256', 'chars', 'unk_count')})
+run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, hooks=hooks, device=device,
+             dtype=dtype, world_size=world_size, data={k: meta[k] for k in ('source', 'sha256', 'chars', 'unk_count')})
 run.write_text('model.txt', f"{raw_model}\nparameters: {raw_model.num_params(False):,} "
                             f"({raw_model.num_params():,} without position embeddings)\n")
 run.event('start', iter=iter_num, resumed_from=resume_path, config_hash=run.config_hash)
@@ -147,11 +141,13 @@ if ckpt and ckpt['data_sha256'] != meta['sha256']:
     run.print(f"warning: the data changed since {resume_path} was saved; the batch order continues over the new text")
 run.print(f"data: {meta['source']} | {meta['chars']:,} chars | {meta['unk_count']:,} mapped to <UNK> | "
           f"{len(train_starts):,} train windows | sha256 {meta['sha256'][:12]}")
-run.print(f"model: {raw_model.num_params():,} parameters | device {device} | dtype {dtype} | world {world_size}"
-          + (f" | resumed at iter {iter_num} from {resume_path}" if ckpt else ""))
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if sampler.batch_size < batch_size:
+    run.print(f"data: {len(train_starts):,} train windows cannot fill batch_size={batch_size} on {world_size} "
+              f"rank(s): batches of {sampler.batch_size}")
+run.print(f"model: {raw_model.num_params():,} parameters | device {device} | dtype {dtype} | world {world_size}")
+tokens_per_iter = gradient_accumulation_steps * world_size * sampler.batch_size * block_size
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # per device
-peak_flops = matmul_peak_flops(device, batch_size * block_size, n_embd, d_ff) if master else None
+mfu = MFU(device, flops_per_iter, (sampler.batch_size * block_size, n_embd, d_ff), log=run.print) if master else None
 
 
 def get_lr(it):
@@ -193,10 +189,9 @@ def checkpoint(names, metrics):
 # -----------------------------------------------------------------------------
 # training loop
 # -----------------------------------------------------------------------------
-stop = StopSignal()
 train_losses, step_times = [], []  # since the last eval / the last log line
 metrics = ckpt['metrics'] if ckpt else {}
-t_start = time.time()
+t_start, clock, stopped = time.time(), Clock(iter_num, max_iters), None
 while True:
 
     # once in a while (and always at the end): evaluate, sample, checkpoint; not again on the iteration resumed at
@@ -210,19 +205,17 @@ while True:
         run.scalars({'iter': iter_num, 'time_s': round(time.time() - t_start, 2), 'lr': get_lr(iter_num), **metrics})
         run.event('eval', iter=iter_num, **metrics, hooks=stats)
         run.event('sample', iter=iter_num, prompt=sample_prompt, text=sample)
-        run.write_text('samples.txt', f"--- iter {iter_num} | val loss {val_loss:.4f} ---\n{sample}\n\n", mode='a')
-        run.print(f"eval {iter_num} | train loss {metrics['train/loss'] or float('nan'):.4f} | val loss {val_loss:.4f}"
-                  f"\n{sample}\n---")
+        run.write_text('samples.txt', f"--- iter {iter_num} | val/loss {val_loss:.4f} ---\n{sample}\n\n", mode='a')
+        run.print(f"eval {iter_num}/{max_iters} | {fields(metrics)}\n{sample}\n---")
         best = val_loss < best_val_loss
         best_val_loss = min(val_loss, best_val_loss)
         checkpoint(['last.pt', 'best.pt'] if best else ['last.pt'], metrics)
         train_losses = []
     if at_end:
         break
-    if all_ranks_any(stop.requested, ddp, device):  # pre-emption: save where we are, exit 0, resume with 'auto'
+    if (stopped := stop_requested(ddp, device)):  # Ctrl-C, SIGTERM: save where we are; resume continues exactly
         checkpoint(['last.pt'], {})
-        run.event('end', iter=iter_num, reason='signal', best_val_loss=best_val_loss)
-        run.print(f"signal received: saved {out_dir}/last.pt at iter {iter_num}; continue with --init_from=auto")
+        run.end(stopped, f"iter {iter_num}/{max_iters}", iter=iter_num, best_val_loss=best_val_loss)
         break
 
     # one optimizer step over gradient_accumulation_steps micro-batches
@@ -253,11 +246,10 @@ while True:
     step_times.append(time.time() - t0)
     if iter_num % log_interval == 0 and master:
         dt = float(np.mean(step_times))
-        mfu = f"{100 * flops_per_iter / dt / peak_flops:.1f}%" if peak_flops else "n/a"
-        run.print(f"iter {iter_num} | loss {step_loss:.4f} | lr {lr:.1e} | {1000 * dt:.0f}ms | mfu {mfu}")
+        run.print(step_line(f"iter {iter_num}/{max_iters}", step_loss, lr, dt, mfu(dt), clock(iter_num)))
         step_times = []
 
 if at_end:
-    run.event('end', iter=iter_num, reason='done', best_val_loss=best_val_loss, **metrics,
-              wall_time_s=round(time.time() - t_start, 1))
-finish_distributed(ddp)
+    run.end('done', f"iter {iter_num}/{max_iters}", {'best val/loss': best_val_loss}, iter=iter_num,
+            best_val_loss=best_val_loss, **metrics, wall_time_s=round(time.time() - t_start, 1))
+finish(ddp, stopped)

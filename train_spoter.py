@@ -15,21 +15,23 @@ import math
 import os
 import time
 
+from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, finish,
+                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks, save_checkpoint,
+                    seed_everything, set_rng_state, start_from, step_line, stop_requested,
+                    write_atomic)  # first: its stop signals cover the slow imports below
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (RunDir, StopSignal, UserError, all_ranks_any, autocast_context, configure, finish_distributed,
-                    init_distributed, load_checkpoint, resolve_init, rng_states_all_ranks, save_checkpoint,
-                    seed_everything, set_rng_state, write_atomic)
 from data import (WindowSampler, augment_poses, load_pose_cache, normalize_poses, pad_clips, pose_cache,
                   resolve_label_offset, write_sign_csvs)
 from model import SPOTER
 
 # -----------------------------------------------------------------------------
-# default config: every knob, one per line (config files and --key=value override these)
+# default config: every knob, one per line (config files and --key=value override these); a comment that starts
+# with quoted values 'a' | 'b' or ends with an interval [1, inf) declares what the key accepts: configure() checks
 # -----------------------------------------------------------------------------
 out_dir = 'out/spoter'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' | a checkpoint (e.g. 'best.pt', for eval_only)
@@ -42,24 +44,24 @@ val_csv = ''  # SPOTER CSV for model selection (best.pt)
 test_csv = ''  # SPOTER CSV scored once, with best.pt, at the end
 cache_dir = 'cache'  # CSVs are converted once into HDF5 here, keyed by their sha256
 label_offset = 'auto'  # 'auto' (min label 1 -> subtract 1, 0 -> keep) or an int subtracted from every label
-num_classes = 0  # 0 = one more than the largest training label
-builtin_classes = 10  # classes of the built-in procedural signs
+num_classes = 0  # 0 = one more than the largest training label, in [0, inf)
+builtin_classes = 10  # classes of the built-in procedural signs, in [2, inf)
 # model
 pos_embedding = 'learned'  # 'learned' (one vector per frame) | 'single' (the original: no frame order)
-max_frames = 256  # longest clip the 'learned' positions cover
+max_frames = 256  # longest clip the 'learned' positions cover, in [1, inf)
 # optimization
-max_epochs = 350  # training epochs
-checkpoint_epochs = [10, 50, 100, 200, 350]  # epoch_{N}.pt is kept at these epochs (those <= max_epochs)
-batch_size = 32  # clips per batch per process, padded to the longest clip
+max_epochs = 350  # training epochs, in [1, inf)
+checkpoint_epochs = [10, 50, 100, 200, 350]  # epoch_{N}.pt is kept at these epochs (those <= max_epochs), [1, inf)
+batch_size = 32  # clips per batch per process, padded to the longest clip, in [1, inf)
 bucket_by_length = True  # batch clips of similar length: less padding, ~1.4x faster on CPU (bench.py spoter)
-optimizer = 'adamw'  # 'adamw' | 'sgd' (the original: SGD, no momentum)
-learning_rate = 3e-4  # constant learning rate
-weight_decay = 0.0  # decoupled weight decay (AdamW) or L2 (SGD)
-momentum = 0.0  # SGD momentum (the original: 0)
-grad_clip = 0.0  # clip the global gradient norm to this; 0.0 = off
+opt = 'adamw'  # 'adamw' | 'sgd' (the original: SGD, no momentum)
+learning_rate = 3e-4  # constant learning rate, in [0, inf)
+weight_decay = 0.0  # decoupled weight decay (AdamW) or L2 (SGD), in [0, inf)
+momentum = 0.0  # SGD momentum (the original: 0), in [0, 1)
+grad_clip = 0.0  # clip the global gradient norm to this; 0.0 = off; [0, inf)
 augment = True  # with p 0.5 one of: rotate, perspective, squeeze, arm-rotate (the original's four)
-noise_std = 0.001  # Gaussian noise added to normalized training poses (the original: 0.001)
-log_interval = 1  # print a line every this many epochs
+noise_std = 0.001  # Gaussian noise added to normalized training poses (the original: 0.001), in [0, inf)
+log_interval = 50  # print a progress line every this many steps inside an epoch (and one line per epoch), [1, inf)
 # system
 seed = 379  # the original's seed
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
@@ -68,21 +70,23 @@ compile = False  # torch.compile the model (falls back to eager where compilatio
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
-# setup: processes, device, seeds, what to start from
-ddp, rank, world_size, device = init_distributed(device)
-master = rank == 0
-dtype, autocast = autocast_context(device, dtype)
-if optimizer not in ('adamw', 'sgd'):
-    raise UserError(f"optimizer={optimizer!r}: expected 'adamw' or 'sgd'")
+# setup: what to start from (on resume the run's saved config, changed only by the keys given now), every check
+# that needs no data, then processes, device and seeds; nothing is written before the run directory below
+ckpt, resume_path, changed = start_from(globals(), config, fixed=('train_csv', 'val_csv', 'label_offset', 'num_classes',
+                                                                  'builtin_classes', 'pos_embedding', 'max_frames',
+                                                                  'opt', 'seed'))
 if label_offset != 'auto':
     try:
         label_offset = int(label_offset)
     except ValueError:
         raise UserError(f"label_offset={label_offset!r}: expected 'auto' or an integer") from None
-resume_path = resolve_init(init_from, out_dir, overwrite or eval_only)
-ckpt = load_checkpoint(resume_path) if resume_path else None
 if eval_only and not ckpt:
     raise UserError("eval_only=True needs a checkpoint: --init_from=best.pt (or last.pt, or a path)")
+if eval_only and not test_csv:
+    raise UserError("eval_only=True needs --test_csv=path/to/clips.csv")
+ddp, rank, world_size, device = init_distributed(device)
+master = rank == 0
+dtype, autocast = autocast_context(device, dtype)
 seed_everything(seed + rank)
 
 # data: SPOTER CSVs -> HDF5 cache -> clips of (T, 54, 2) raw coordinates; labels shifted to 0-based
@@ -119,46 +123,37 @@ longest = max(len(c) for clips, *_ in splits.values() for c in clips)
 if pos_embedding == 'learned' and longest > max_frames:
     raise UserError(f"the longest clip has {longest} frames, more than max_frames={max_frames}; raise max_frames")
 
-# model (+ resume): the architecture comes from the checkpoint when there is one
-model_args = dict(num_classes=num_classes, pos_embedding=pos_embedding, max_frames=max_frames)
-if ckpt:
-    conflicts = [f"{k}={model_args[k]!r} (checkpoint: {v!r})" for k, v in ckpt['model_args'].items()
-                 if k != 'num_classes' and model_args[k] != v and not eval_only]
-    if conflicts:
-        raise UserError(f"{resume_path}: the architecture comes from the checkpoint, but the config sets "
-                        f"{', '.join(conflicts)}; drop those overrides or start from scratch")
-    model_args = ckpt['model_args']
+# model (+ resume): the architecture keys are the checkpoint's (start_from), its class count too
+model_args = ckpt['model_args'] if ckpt else dict(num_classes=num_classes, pos_embedding=pos_embedding,
+                                                  max_frames=max_frames)
 model = SPOTER(**model_args).to(device)
 if ckpt:
     model.load_state_dict(ckpt['model_state_dict'])
 params = list(model.parameters())
-if optimizer == 'adamw':
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+if opt == 'adamw':
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 else:
-    opt = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
 augment_generator = torch.Generator().manual_seed(seed + rank)  # its state is checkpointed: resume is exact
 n_train = len(splits['train'][0]) if 'train' in splits else 0
 lengths = [len(c) for c in splits['train'][0]] if n_train and bucket_by_length else None
 sampler = WindowSampler(n_train, batch_size, seed, rank, world_size, lengths) if n_train else None
 epoch, step_in_epoch, best_val_acc, history = 0, 0, -1.0, {}
 if ckpt and not eval_only:
-    opt.load_state_dict(ckpt['optimizer_state_dict'])
+    load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
     sampler.load_state_dict(ckpt['sampler'])
     augment_generator.set_state(ckpt['augment_generator'])
     states = ckpt['rng_state']
     set_rng_state(states[rank] if len(states) == world_size else states[0])
     epoch, step_in_epoch, best_val_acc, history = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['best_metric'], \
         ckpt['epoch_sums']
-raw_model = model
-if compile:
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True
-    model = torch.compile(model)
+raw_model = model  # the un-compiled, un-wrapped module: evaluated and saved
+model = compile_model(model, compile)
 if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts (eval_only appends to the run it evaluates)
-run = RunDir(out_dir, config, resume=ckpt is not None, master=master, device=device, dtype=dtype,
+run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, device=device, dtype=dtype,
              world_size=world_size, data={k: v for k, v in (('train', train_csv), ('val', val_csv),
                                                            ('test', test_csv)) if v})
 run.write_text('model.txt', f"{raw_model}\nparameters: {sum(p.numel() for p in params):,}\n")
@@ -166,6 +161,11 @@ run.event('start', epoch=epoch, resumed_from=resume_path, config_hash=run.config
 for name, (clips, labels, offset, skipped) in splits.items():
     run.print(f"{name}: {len(clips):,} clips | {num_classes} classes | label offset {offset} | "
               f"{skipped} all-missing clips skipped")
+if sampler and sampler.batch_size < batch_size:
+    run.print(f"train: {n_train:,} clips cannot fill batch_size={batch_size} on {world_size} rank(s): batches of "
+              f"{sampler.batch_size}")
+run.print(f"model: {sum(p.numel() for p in params):,} parameters | device {device} | dtype {dtype} | "
+          f"world {world_size}")
 
 
 def collate(clips, indices):
@@ -215,7 +215,7 @@ def checkpoint(names, metrics):
     if master:
         for name in names:
             save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
-                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=opt.state_dict(),
+                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
                             args=config, model_args=model_args, sampler=sampler.state_dict(),
                             augment_generator=augment_generator.get_state(), rng_state=rng, metrics=metrics,
                             best_metric=best_val_acc, epoch_sums=history, config_hash=run.config_hash,
@@ -226,8 +226,6 @@ def checkpoint(names, metrics):
 # eval_only: score a checkpoint on test_csv (the inference path SPOTER users ask for)
 # -----------------------------------------------------------------------------
 if eval_only:
-    if 'test' not in splits:
-        raise UserError("eval_only=True needs --test_csv=path/to/clips.csv")
     metrics, probs = evaluate('test')
     write_test_report(probs, 'predictions.csv')
     if dump_features:  # the 108-d decoder output and the class query's attention over frames, per clip
@@ -246,25 +244,24 @@ if eval_only:
             f['lengths'] = np.array([len(c) for c in clips])
         os.replace(path + '.tmp', path)
         run.print(f"features: {path}")
-    run.event('end', reason='eval_only', checkpoint=resume_path, **metrics)
-    run.print(f"eval_only {resume_path} | test acc {metrics['test/acc']:.4f} | top5 {metrics['test/top5']:.4f}")
+    run.end('eval_only', resume_path, metrics, checkpoint=resume_path, **metrics)
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
 # training loop: epochs of shuffled, padded batches; eval + checkpoints at the end of each epoch
 # -----------------------------------------------------------------------------
-stop = StopSignal()
-steps_per_epoch = n_train // (batch_size * world_size)  # every rank takes the same number of steps
+steps_per_epoch = n_train // (sampler.batch_size * world_size)  # every rank takes the same number of steps
 train_clips, train_labels, *_ = splits['train']
-t_start, signalled = time.time(), False
+t_start, stopped = time.time(), None
+clock = Clock(epoch * steps_per_epoch + step_in_epoch, max_epochs * steps_per_epoch)  # elapsed and ETA, in steps
 while epoch < max_epochs:
-    t_epoch = time.time()
-    sums = history or {'loss': 0.0, 'correct': 0, 'seen': 0, 'data_s': 0.0}  # carried through a pre-emption
+    t_epoch, step_times = time.time(), []
+    sums = history or {'loss': 0.0, 'correct': 0, 'seen': 0, 'data_s': 0.0, 'step_s': 0.0}  # kept over a stop
     while step_in_epoch < steps_per_epoch:
-        if all_ranks_any(stop.requested, ddp, device):  # pre-emption: save mid-epoch, exit 0, resume with 'auto'
-            history, signalled = sums, True
+        if (stopped := stop_requested(ddp, device)):  # Ctrl-C, SIGTERM: save mid-epoch; resume continues exactly
+            history = sums
             break
-        t_data = time.time()
+        t_step = time.time()
         indices = sampler.next()
         poses, pad_mask = collate(train_clips, indices)
         if augment:  # on the raw [0,1] coordinates, as the original does
@@ -272,7 +269,7 @@ while epoch < max_epochs:
         poses = normalize_poses(poses, pad_mask)
         poses = poses + noise_std * torch.randn_like(poses)
         targets = torch.from_numpy(train_labels[indices]).to(device)
-        sums['data_s'] += time.time() - t_data
+        sums['data_s'] += time.time() - t_step
         with autocast:
             logits = model(poses, pad_mask)
             loss = F.cross_entropy(logits.float(), targets)
@@ -282,45 +279,51 @@ while epoch < max_epochs:
         loss.backward()
         if grad_clip > 0.0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step_in_epoch += 1
         sums['loss'] += loss.item() * len(indices)
         sums['correct'] += (logits.argmax(-1) == targets).sum().item()
         sums['seen'] += len(indices)
-    if signalled:
+        step_times.append(time.time() - t_step)
+        sums['step_s'] += step_times[-1]
+        if step_in_epoch % log_interval == 0 and step_in_epoch < steps_per_epoch:  # progress inside a long epoch
+            where = f"epoch {epoch + 1}/{max_epochs} | step {step_in_epoch}/{steps_per_epoch}"
+            run.print(step_line(where, loss.item(), learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
+                                clock(epoch * steps_per_epoch + step_in_epoch)))
+            step_times = []
+    if stopped:
         checkpoint(['last.pt'], {})
-        run.event('end', epoch=epoch, reason='signal', best_val_acc=best_val_acc)
-        run.print(f"signal received: saved {out_dir}/last.pt in epoch {epoch}; continue with --init_from=auto")
+        run.end(stopped, f"epoch {epoch + 1}/{max_epochs}, step {step_in_epoch}/{steps_per_epoch}", epoch=epoch,
+                best_val_acc=best_val_acc)
         break
 
     # end of epoch: val metrics, scalars, checkpoints (best on val top-1; milestones kept forever)
     epoch, step_in_epoch, history = epoch + 1, 0, {}
-    metrics = {'train/loss': sums['loss'] / max(sums['seen'], 1), 'train/acc': sums['correct'] / max(sums['seen'], 1)}
+    train_s, seen = time.time() - t_epoch, sums['seen'] * world_size  # samples/s: summed over ranks
+    metrics = {'train/loss': sums['loss'] / max(sums['seen'], 1), 'val/loss': None,
+               'train/acc': sums['correct'] / max(sums['seen'], 1)}
     if master and 'val' in splits:
         metrics.update(evaluate('val')[0])
-    epoch_s = time.time() - t_epoch
     run.scalars({'epoch': epoch, 'time_s': round(time.time() - t_start, 2), 'lr': learning_rate, **metrics,
-                 'clips_per_s': round(sums['seen'] / epoch_s, 1), 'data_share': round(sums['data_s'] / epoch_s, 3)})
+                 'samples_per_s': round(seen / train_s, 1), 'data_share': round(sums['data_s'] / train_s, 3)})
     run.event('eval', epoch=epoch, **metrics)
     val_acc = metrics.get('val/acc', metrics['train/acc'])
     best = val_acc > best_val_acc
     best_val_acc = max(best_val_acc, val_acc)
     checkpoint(['last.pt'] + (['best.pt'] if best else []) +
                ([f'epoch_{epoch}.pt'] if epoch in checkpoint_epochs else []), metrics)
-    if epoch % log_interval == 0 or epoch == max_epochs:
-        run.print(f"epoch {epoch} | loss {metrics['train/loss']:.4f} | acc {metrics['train/acc']:.4f} | "
-                  f"val acc {metrics.get('val/acc', float('nan')):.4f} | {1000 * epoch_s:.0f}ms | "
-                  f"{sums['seen'] / epoch_s:.1f} clips/s | data {100 * sums['data_s'] / epoch_s:.0f}%")
+    run.print(epoch_line(f"epoch {epoch}/{max_epochs}", metrics, seen / train_s, sums['step_s'] / steps_per_epoch,
+                         sums['data_s'] / train_s, clock(epoch * steps_per_epoch)))
 
 # the test: best.pt's weights (selected on validation, never on test)
-if not signalled:
+if not stopped:
     end = {'best_val_acc': best_val_acc, 'epochs': epoch, 'wall_time_s': round(time.time() - t_start, 1)}
     if master and 'test' in splits and os.path.exists(os.path.join(out_dir, 'best.pt')):
         raw_model.load_state_dict(load_checkpoint(os.path.join(out_dir, 'best.pt'))['model_state_dict'])
         test_metrics, probs = evaluate('test')
         per_class = write_test_report(probs, 'predictions.csv')
         end.update(test_metrics, per_class_acc=per_class)
-        run.print(f"test (best.pt) | acc {test_metrics['test/acc']:.4f} | top5 {test_metrics['test/top5']:.4f}")
-    run.event('end', reason='done', **end)
-finish_distributed(ddp)
+    run.end('done', f"epoch {epoch}/{max_epochs}", {'best val/acc': best_val_acc, 'test/acc': end.get('test/acc'),
+                                                    'test/top5': end.get('test/top5')}, **end)
+finish(ddp, stopped)

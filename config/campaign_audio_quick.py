@@ -11,10 +11,10 @@ seeds = [42]
 _recipe = dict(max_epochs=5, patience=3, batch_size=32, num_workers=0, builtin_clips=800, clip_seconds=1.0,
                cache_dir='cache/campaign_quick')
 _cbam = [f'cbam_r{r}_k{k}' for r in (4, 8, 16) for k in (3, 7, 11)]
-runs = [dict(name='crnn', script='train_audio.py', overrides=dict(_recipe, model='crnn')),
-        dict(name='tinycnn', script='train_audio.py', overrides=dict(_recipe, model='tinycnn'))]
+runs = [dict(name='crnn', script='train_audio.py', overrides=dict(_recipe, arch='crnn')),
+        dict(name='tinycnn', script='train_audio.py', overrides=dict(_recipe, arch='tinycnn'))]
 runs += [dict(name=f'cbam_r{r}_k{k}', script='train_audio.py',
-              overrides=dict(_recipe, model='tinycnn_cbam', cbam_reduction=r, cbam_kernel=k))
+              overrides=dict(_recipe, arch='tinycnn_cbam', cbam_reduction=r, cbam_kernel=k))
          for r in (4, 8, 16) for k in (3, 7, 11)]
 # KD: train_kd.py checks the gate itself (teacher best val macro-F1 >= best baseline's + 0.03, else exit 3 =
 # 'gated'). The CBAM student takes cbam_reduction/cbam_kernel from the phase-1 CBAM run with the best mean val
@@ -25,5 +25,5 @@ _kd = dict(_recipe, teacher_ckpt='{out_root}/crnn/seed{seed}/best.pt', gate=True
            gate_baselines=['{out_root}/tinycnn/seed{seed}'] + [f'{{out_root}}/{n}/seed{{seed}}' for n in _cbam])
 _best_cbam = dict(runs=_cbam, metric='val/macro_f1', mode='max', keys=['cbam_reduction', 'cbam_kernel'])
 runs += [dict(name=f'kd_{s}_a{a}' + (f'_T{t:g}' if a else ''), script='train_kd.py', after=['crnn', 'tinycnn', *_cbam],
-              overrides=dict(_kd, model=s, alpha=a, temperature=t), **({'best_of': _best_cbam} if s != 'tinycnn' else {}))
+              overrides=dict(_kd, arch=s, alpha=a, temperature=t), **({'best_of': _best_cbam} if s != 'tinycnn' else {}))
          for s in ('tinycnn', 'tinycnn_cbam') for a in (0.0, 0.3, 0.6, 0.9) for t in ((4.0,) if a == 0 else (3.0, 4.0, 5.0))]

@@ -5,6 +5,6 @@ out_dir = 'out/spoter_lsa64'
 num_classes = 64
 pos_embedding = 'learned'
 batch_size = 32
-optimizer = 'adamw'
+opt = 'adamw'
 learning_rate = 3e-4
 max_epochs = 350

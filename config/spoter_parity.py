@@ -3,7 +3,7 @@
 # python train_spoter.py config/spoter_parity.py --train_csv=... --val_csv=... --test_csv=...
 out_dir = 'out/spoter_parity'
 pos_embedding = 'single'
-optimizer = 'sgd'
+opt = 'sgd'
 learning_rate = 1e-3
 momentum = 0.0
 weight_decay = 0.0

@@ -28,18 +28,33 @@ def run_script(script, *args, cwd, check=True, timeout=240):
     return proc
 
 
-def sigterm_when_logged(script, *args, cwd, out_dir, text, delay=0.0):
-    """Start a project script, wait until `text` shows in out_dir/log.txt (then `delay` s more), send SIGTERM as
-    SLURM does before pre-emption, and return (exit code, stdout, stderr) once it has saved and exited."""
+def signal_when_logged(script, *args, cwd, out_dir, text, delay=0.0, sig=signal.SIGTERM):
+    """Start a project script, wait until `text` shows in out_dir/log.txt (then `delay` s more), send `sig`
+    (SIGTERM as SLURM does before pre-emption, SIGINT as Ctrl-C does) and return (exit code, stdout, stderr) once it
+    has saved and exited."""
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args), f'--out_dir={out_dir}'], cwd=cwd,
                             env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = Path(cwd) / out_dir / 'log.txt', time.time() + 120
     while not (log.exists() and text in log.read_text()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    if not (log.exists() and text in log.read_text()):
+        proc.kill()
+        raise AssertionError(f"{script} never logged {text!r}:\n{proc.communicate()[1][-3000:]}")
     time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stdout, stderr
+
+
+sigterm_when_logged = signal_when_logged
+
+
+@pytest.fixture(autouse=True)
+def _disarmed_stop_signals():
+    """A test that makes a RunDir in this process arms common.STOP (Ctrl-C would then only set a flag): undo it."""
+    yield
+    import common
+    common.STOP.armed, common.STOP.reason = False, None
 
 
 def python_like_text(n_lines):

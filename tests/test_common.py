@@ -531,10 +531,11 @@ def read_csv(out):
 
 def test_rundir_config_json(tmp_path):
     out = tmp_path / 'run'
-    run = common.RunDir(str(out), CONFIG, resume=False, device='cpu', world_size=1, hooks=['act_stats'])
+    run = common.RunDir(str(out), CONFIG, device='cpu', world_size=1, hooks=['act_stats'])
     close(run)
     facts = json.loads((out / 'config.json').read_text())
-    required = {'config', 'run_id', 'config_hash', 'git_commit', 'git_dirty', 'argv', 'python', 'torch', 'start_time'}
+    required = {'config', 'run_id', 'config_hash', 'git_commit', 'git_dirty', 'argv', 'python', 'torch', 'start_time',
+                'resumed_from', 'changed'}
     assert required | {'device', 'world_size', 'hooks'} == set(facts)
     assert facts['config'] == CONFIG
     assert facts['run_id'] == run.run_id
@@ -548,7 +549,7 @@ def test_rundir_config_json(tmp_path):
 
 def test_rundir_print_event_scalars(tmp_path, capsys):
     out = tmp_path / 'run'
-    run = common.RunDir(str(out), CONFIG, resume=False)
+    run = common.RunDir(str(out), CONFIG)
     run.print('hello', 3)
     run.event('start', iter=0, note='x')
     run.event('eval', iter=10, **{'val/loss': 1.25})
@@ -561,8 +562,9 @@ def test_rundir_print_event_scalars(tmp_path, capsys):
         run.scalars({'val/loss': 1.0, 'iter': 20})  # same columns, another order: still a different header
     close(run)
 
-    assert capsys.readouterr().out == 'hello 3\n'
-    assert (out / 'log.txt').read_text() == 'hello 3\n'
+    start = f"run {out} | new | config_hash {run.config_hash[:12]}\n"  # every run says where its files go
+    assert capsys.readouterr().out == start + 'hello 3\n'
+    assert (out / 'log.txt').read_text() == start + 'hello 3\n'
     events = read_events(out)
     assert [e['event'] for e in events] == ['start', 'eval']
     assert all(e['schema_version'] == 1 and e['run_id'] == run.run_id for e in events)
@@ -572,13 +574,13 @@ def test_rundir_print_event_scalars(tmp_path, capsys):
 
 def test_rundir_resume_appends_and_fresh_start_truncates(tmp_path):
     out = tmp_path / 'run'
-    first = common.RunDir(str(out), CONFIG, resume=False)
+    first = common.RunDir(str(out), CONFIG)
     first.print('first')
     first.event('start', iter=0)
     first.scalars({'iter': 0, 'loss': 2.0})
     close(first)
 
-    second = common.RunDir(str(out), CONFIG, resume=True)
+    second = common.RunDir(str(out), CONFIG, resumed_from=str(out / 'last.pt'), changed={'batch_size': [2, 4]})
     with pytest.raises(UserError):
         second.scalars({'step': 5, 'loss': 1.0})  # the header comes from the existing file
     second.print('second')
@@ -588,22 +590,27 @@ def test_rundir_resume_appends_and_fresh_start_truncates(tmp_path):
     assert [(e['event'], e['iter'], e['run_id']) for e in read_events(out)] == [
         ('start', 0, first.run_id), ('start', 5, second.run_id)]
     assert read_csv(out) == [['iter', 'loss'], ['0', '2'], ['5', '1.5']]
-    assert (out / 'log.txt').read_text() == 'first\nsecond\n'
-    assert json.loads((out / 'config.json').read_text())['run_id'] == second.run_id
+    log = (out / 'log.txt').read_text().splitlines()
+    assert log[1] == 'first' and log[3] == 'second' and len(log) == 4
+    assert log[2] == f"run {out} | from {out / 'last.pt'} | changed: batch_size 2 -> 4 | config_hash " \
+                     f"{second.config_hash[:12]}"
+    facts = json.loads((out / 'config.json').read_text())
+    assert facts['run_id'] == second.run_id and facts['changed'] == {'batch_size': [2, 4]}
+    assert facts['resumed_from'] == str(out / 'last.pt')
 
-    third = common.RunDir(str(out), CONFIG, resume=False)
+    third = common.RunDir(str(out), CONFIG)
     assert not (out / 'scalars.csv').exists()
     third.event('start', iter=0)
     third.scalars({'step': 0, 'acc': 0.5})  # a fresh run fixes a new header
     close(third)
     assert [e['run_id'] for e in read_events(out)] == [third.run_id]
     assert read_csv(out) == [['step', 'acc'], ['0', '0.5']]
-    assert (out / 'log.txt').read_text() == ''
+    assert (out / 'log.txt').read_text().startswith('run ') and len((out / 'log.txt').read_text().splitlines()) == 1
 
 
 def test_rundir_non_master_writes_nothing(tmp_path, capsys):
     out = tmp_path / 'rank1'
-    run = common.RunDir(str(out), CONFIG, resume=False, master=False, device='cpu')
+    run = common.RunDir(str(out), CONFIG, master=False, device='cpu')
     run.print('hidden')
     run.event('start', iter=0)
     run.scalars({'iter': 0, 'loss': 1.0})
@@ -615,7 +622,7 @@ def test_rundir_non_master_writes_nothing(tmp_path, capsys):
 
 def test_rundir_write_text(tmp_path):
     out = tmp_path / 'run'
-    run = common.RunDir(str(out), CONFIG, resume=False)
+    run = common.RunDir(str(out), CONFIG)
     run.write_text('samples.txt', 'a\n', mode='a')
     run.write_text('samples.txt', 'b\n', mode='a')
     close(run)
@@ -638,3 +645,226 @@ def test_matmul_peak_flops_cpu():
 @pytest.mark.parametrize('device', ['mps', 'meta', 'xla'])
 def test_matmul_peak_flops_unknown_device(device):
     assert common.matmul_peak_flops(device, 64, 64, 64) is None
+
+
+# -----------------------------------------------------------------------------
+# declared values, --help, the keys given, and the resume rule
+# -----------------------------------------------------------------------------
+
+DECLARED = """\
+from math import pi
+from os import sep
+arch = 'cnn'  # 'cnn' | 'rnn' (slower) | 'mlp'
+device = 'auto'  # 'auto' | 'cpu' | 'cuda:N'
+init_from = 'scratch'  # 'scratch' | 'resume' | a checkpoint path
+dropout = 0.1  # on each branch, in [0, 1)
+batch_size = 8  # betas (0.5, 0.9) in prose are not a range; this one is: [1, inf)
+milestones = [10, 20]  # epochs, each in (0, inf)
+alpha = 0.5  # weight of the first term,
+#   the second gets 1 - alpha, [0, 1]
+# a section title, not a continuation
+stride = 0  # 0 = batch_size
+config = configure(globals())
+stride = stride or batch_size
+"""
+
+
+@pytest.fixture
+def declared(tmp_path):
+    script = tmp_path / 'declared.py'
+    script.write_text(DECLARED)
+    g = {'__name__': '__main__', '__file__': str(script), 'configure': lambda g: None}
+    exec(compile(DECLARED.split('config =')[0], str(script), 'exec'), g)
+    return g
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--arch=cnns', "command line: arch='cnns': expected one of 'cnn', 'rnn', 'mlp'; did you mean 'cnn'?"),
+    ('--device=cuda:x', "device='cuda:x': expected one of 'auto', 'cpu', 'cuda:N'"),
+    ('--dropout=1.0', "dropout=1.0: expected a value in [0, 1)"),
+    ('--dropout=-0.1', "dropout=-0.1: expected a value in [0, 1)"),
+    ('--batch_size=0', "batch_size=0: expected a value in [1, inf)"),
+    ('--milestones=[10, 0]', "milestones=[10, 0]: expected a value in (0, inf)"),
+    ('--alpha=1.5', "alpha=1.5: expected a value in [0, 1]"),  # declared on the comment's continuation line
+])
+def test_configure_refuses_values_outside_what_the_comment_declares(declared, arg, message):
+    with pytest.raises(UserError) as e:
+        common.configure(declared, [arg])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize('arg, value', [('--device=cuda:1', 'cuda:1'), ('--init_from=out/a/best.pt', 'out/a/best.pt'),
+                                        ('--dropout=0', 0.0), ('--alpha=1', 1.0), ('--batch_size=1', 1),
+                                        ('--arch=rnn', 'rnn'), ('--stride=-3', -3)])
+def test_configure_accepts_what_the_comment_declares(declared, arg, value):
+    assert common.configure(declared, [arg])[arg[2:].split('=')[0]] == value
+
+
+def test_configure_checks_values_from_config_files_too(declared, tmp_path):
+    cfg = write_cfg(tmp_path, "dropout = 2.0\n")
+    with pytest.raises(UserError, match=r"config file .*cfg.py: dropout=2.0: expected a value in \[0, 1\)"):
+        common.configure(declared, [cfg])
+
+
+def test_help_shows_own_keys_whole_comments_and_keys_reassigned_later(declared, capsys):
+    with pytest.raises(SystemExit):
+        common.configure(declared, ['--help'])
+    out = capsys.readouterr().out
+    keys = [line.split('=')[0].strip() for line in out.splitlines() if line.startswith('  --')]
+    assert keys == ['--arch', '--device', '--init_from', '--dropout', '--batch_size', '--milestones', '--alpha',
+                    '--stride']  # no imported constants (pi, sep)
+    assert "# weight of the first term, the second gets 1 - alpha, [0, 1]" in out
+    assert "section title" not in out and "# 0 = batch_size" in out
+
+
+def test_configure_records_the_keys_given_and_where(declared, tmp_path):
+    cfg = write_cfg(tmp_path, "batch_size = 8  # the default's value, given all the same\nfor _i in range(2):\n"
+                              "    dropout = 0.2\n")
+    common.configure(declared, [cfg, '--arch=rnn'])
+    assert declared['_given'] == {'batch_size': f'config file {cfg}', 'dropout': f'config file {cfg}',
+                                  'arch': 'command line'}
+
+
+def resume_script(tmp_path, saved_args, **extra):
+    """A script's globals after configure(), and a last.pt in its out_dir made with saved_args."""
+    out = tmp_path / 'run'
+    out.mkdir(exist_ok=True)
+    model, opt = tiny_state(0)
+    common.save_checkpoint(str(out / 'last.pt'), **dict(ckpt_fields(model, opt), args=saved_args))
+    return dict(out_dir=str(out), init_from='resume', overwrite=False, lr=0.1, n_layer=2, seed=1, **extra)
+
+
+def test_start_from_continues_the_saved_run_and_applies_only_the_keys_given(tmp_path):
+    saved = dict(out_dir='elsewhere', init_from='scratch', overwrite=True, lr=0.5, n_layer=4, seed=7)
+    config = resume_script(tmp_path, saved)
+    g = dict(config, _given={'lr': 'command line', 'init_from': 'command line', 'out_dir': 'command line'})
+    ckpt, path, changed = common.start_from(g, config, fixed=('n_layer', 'seed'))
+    assert path == str(tmp_path / 'run' / 'last.pt') and ckpt['args'] == saved
+    assert config == dict(out_dir=str(tmp_path / 'run'), init_from='resume', overwrite=False, lr=0.1, n_layer=4,
+                          seed=7)  # this command's out_dir/init_from/overwrite, the run's architecture and seed
+    assert changed == {'lr': [0.5, 0.1]} and g['n_layer'] == 4 and g['lr'] == 0.1
+
+
+def test_start_from_refuses_a_given_fixed_key_that_contradicts_the_checkpoint(tmp_path):
+    config = resume_script(tmp_path, dict(lr=0.1, n_layer=4, seed=1))
+    g = dict(config, _given={'n_layer': 'command line', 'seed': 'command line'})
+    with pytest.raises(UserError) as e:
+        common.start_from(g, config, fixed=('n_layer', 'seed'))
+    assert "n_layer=2 (the checkpoint's: 4)" in str(e.value) and 'seed' not in str(e.value).split(':')[1]
+    assert config['n_layer'] == 2  # nothing was applied
+
+
+def test_start_from_without_a_checkpoint_changes_nothing(tmp_path):
+    config = dict(out_dir=str(tmp_path / 'new'), init_from='auto', overwrite=False, lr=0.1)
+    assert common.start_from(dict(config), config) == (None, None, {}) and config['lr'] == 0.1
+
+
+def test_load_optimizer_state_keeps_the_moments_and_the_built_hyperparameters():
+    model, opt = tiny_state(0)
+    fresh = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5, betas=(0.8, 0.9))
+    common.load_optimizer_state(fresh, opt.state_dict())
+    group = fresh.param_groups[0]
+    assert (group['lr'], group['weight_decay'], group['betas']) == (0.01, 0.5, (0.8, 0.9))
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]['exp_avg'], opt.state[p]['exp_avg'])
+    plain = torch.optim.AdamW(model.parameters(), lr=0.01)
+    plain.load_state_dict(opt.state_dict())
+    assert plain.param_groups[0]['lr'] == 0.1  # what torch alone does: the saved learning rate wins
+
+
+def test_compile_model_falls_back_to_eager_when_compilation_fails():
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+    model = torch.nn.Linear(3, 2)
+    assert common.compile_model(model, False) is model
+    compiled = common.compile_model(model, True, backend=failing_backend)
+    x = torch.randn(4, 3)
+    assert torch.equal(compiled(x), model(x))
+
+
+# -----------------------------------------------------------------------------
+# stop signals, finished runs, log lines, progress, MFU
+# -----------------------------------------------------------------------------
+
+def test_stop_signals_arm_then_set_a_reason_and_a_second_ctrl_c_aborts():
+    import signal
+    import time
+    with pytest.raises(SystemExit) as e:  # unarmed: nothing to save, stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+    assert e.value.code == 128 + signal.SIGTERM
+    common.STOP.armed = True  # what RunDir() does
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)
+    assert common.STOP.reason == 'signal' and common.stop_requested(False, 'cpu') == 'signal'
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    assert common.STOP.reason == 'interrupted'  # Ctrl-C wins over an earlier SIGTERM: the exit code says 130
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+
+
+def test_run_finished_and_read_events(tmp_path):
+    def ev(name, **kw):
+        return dict(event=name, **kw)
+    done = [ev('start'), ev('eval'), ev('end', reason='done', best=1)]
+    assert common.run_finished(done) == done[-1]
+    assert common.run_finished(done + [ev('start', eval_only=True), ev('end', reason='eval_only')]) == done[-1]
+    assert common.run_finished(done + [ev('start')]) is None  # resumed again: running or stopped
+    assert common.run_finished([ev('start'), ev('end', reason='interrupted')]) is None
+    assert common.run_finished([]) is None
+    (tmp_path / 'events.jsonl').write_text('{"event": "start"}\n\n{"event": "end", "reason": "done"}\nnot json\n')
+    with pytest.raises(UserError, match=r"events.jsonl, line 4: not a JSON object"):
+        common.read_events(str(tmp_path))
+    assert common.read_events(str(tmp_path / 'none')) == []
+
+
+@pytest.mark.parametrize('value, spec, text', [(None, '.4f', '-'), (float('nan'), '.4f', '-'), (0.5, '.1%', '50.0%'),
+                                               (1.23456, '.4f', '1.2346'), (3, 'd', '3')])
+def test_fmt_prints_a_missing_value_as_a_dash(value, spec, text):
+    assert common.fmt(value, spec) == text
+
+
+def test_hms_fields_and_clock(monkeypatch):
+    assert [common.hms(s) for s in (None, 5.25, 65, 3 * 3600 + 120)] == ['-', '5.2s', '1m05s', '3h02m']
+    assert common.fields({'train/loss': 1.5, 'val/loss': None, 'val/active_dims': 3}) == \
+        'train/loss 1.5000 | val/loss - | val/active_dims 3'
+    now = [100.0]
+    monkeypatch.setattr(common.time, 'time', lambda: now[0])
+    clock = common.Clock(done=20, total=120)  # a run resumed at step 20 of 120
+    assert clock(20) == 'elapsed 0.0s | eta -'
+    now[0] = 110.0
+    assert clock(30) == 'elapsed 10.0s | eta 1m30s'  # 10 steps in 10 s, 90 to go
+
+
+def test_progress_reports_done_total_rate_and_a_last_line(monkeypatch):
+    now, lines = [0.0], []
+    monkeypatch.setattr(common.time, 'time', lambda: now[0])
+
+    def items():
+        for i in range(10):
+            now[0] += 1.0  # one second per chunk of 100
+            yield i
+    assert list(common.progress(items(), 'sprites', total=1000, chunk=100, log=lines.append, every=4.0)) == \
+        list(range(10))
+    assert lines == ['sprites: 400/1,000 | 100.0/s | eta 6.0s', 'sprites: 800/1,000 | 100.0/s | eta 2.0s',
+                     'sprites: 1,000/1,000 | 10.0s']
+    lines.clear()
+    list(common.progress(iter(range(3)), 'rows', log=lines.append))
+    assert lines == ['rows: 3 | 0.0s']
+
+
+def test_mfu_above_100_percent_measures_the_peak_again(monkeypatch):
+    peaks, lines = iter([1e9, 5e9]), []
+    monkeypatch.setattr(common, 'matmul_peak_flops', lambda *a: next(peaks))
+    mfu = common.MFU('cpu', flops_per_step=2e9, matmul_shape=(8, 8, 8), log=lines.append)
+    assert 'mfu: against 1.0 GFLOP/s' in lines[0]
+    assert mfu(1.0) == pytest.approx(2e9 / 5e9)  # 2 GFLOP/s beat the busy start-up figure: measured again
+    assert 'peak measured again: 5.0 GFLOP/s (was 1.0' in lines[1] and mfu(4.0) == pytest.approx(0.1)
+
+
+def test_progress_without_its_last_line(monkeypatch):
+    lines = []
+    list(common.progress(iter(range(3)), 'clips', total=3, log=lines.append, last=False))
+    assert lines == []

@@ -320,11 +320,22 @@ def test_sampler_resume_rank_shard():
         np.testing.assert_array_equal(resumed.next(), original.next())
 
 
-@pytest.mark.parametrize('n, batch, world', [(3, 4, 1), (7, 4, 2), (0, 1, 1)])
-def test_sampler_too_few_windows(n, batch, world):
+@pytest.mark.parametrize('n, batch, world', [(1, 4, 2), (0, 1, 1)])
+def test_sampler_with_fewer_items_than_ranks_is_an_error(n, batch, world):
     with pytest.raises(UserError) as e:
         data.WindowSampler(n, batch, seed=0, rank=0, world_size=world)
-    assert str(n) in str(e.value) and str(batch) in str(e.value)
+    assert f"{n} training windows/clips cannot give each of {world} ranks one" in str(e.value)
+
+
+@pytest.mark.parametrize('n, batch, world, expected', [(3, 4, 1, 3), (7, 4, 2, 3), (48, 64, 1, 48), (5, 8, 2, 2)])
+def test_sampler_smaller_than_a_batch_trains_on_the_largest_batch_every_rank_fills(n, batch, world, expected):
+    """DataLoader's default trains on a partial batch; under DDP each rank takes n // world items (equal steps)."""
+    samplers = [data.WindowSampler(n, batch, seed=0, rank=r, world_size=world) for r in range(world)]
+    batches = [s.next() for s in samplers]
+    assert all(s.batch_size == expected for s in samplers) and all(len(b) == expected for b in batches)
+    assert len(set(np.concatenate(batches).tolist())) == expected * world  # the ranks' shards never overlap
+    again = [s.next() for s in samplers]  # the next epoch: the same size, another order
+    assert all(len(b) == expected for b in again) and samplers[0].epoch == 1
 
 
 @pytest.mark.parametrize('n, batch, world', [(4, 4, 1), (8, 4, 2), (9, 4, 2)])

@@ -3,12 +3,13 @@ alpha = 0 is the student baseline bit for bit, the gate, the teacher-logits cach
 defaults train_audio.py and train_kd.py share. (The KD loss formula is tested in test_audio_model.py.)"""
 import hashlib
 import json
+import signal
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, sigterm_when_logged
+from conftest import ROOT, run_script, sigterm_when_logged, signal_when_logged
 
 import sweep
 from common import configure
@@ -25,14 +26,17 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp('kd')
     manifest = write_sleep_sounds(str(folder / 'sounds'), n_clips=60, seed=2)
     data = [f'--manifest={manifest}', f"--cache_dir={folder / 'cache'}"]
-    for name, model in (('teacher', 'crnn'), ('baseline', 'tinycnn')):
-        run_script('train_audio.py', *TINY, *data, f'--model={model}', '--max_epochs=2', f'--out_dir={name}',
+    for name, arch in (('teacher', 'crnn'), ('baseline', 'tinycnn')):
+        run_script('train_audio.py', *TINY, *data, f'--arch={arch}', '--max_epochs=2', f'--out_dir={name}',
                    cwd=folder)
     return folder, data
 
 
 def kd(cwd, *args, check=True):
     return run_script('train_kd.py', *TINY, *args, cwd=cwd, check=check)
+
+
+EPOCH_1_DONE = 'epoch 1/1000 | train/loss'  # the line of the first finished epoch
 
 
 def events(run_dir):
@@ -143,12 +147,26 @@ def test_sigterm_mid_epoch_then_auto_resume_is_exact(setup, tmp_path):
     common = [*data, '--teacher_ckpt=' + str(folder / 'teacher' / 'best.pt'), '--gate=False', '--batch_size=2',
               '--patience=999']
     code, stdout, stderr = sigterm_when_logged('train_kd.py', *TINY, *common, '--max_epochs=1000', cwd=tmp_path,
-                                               out_dir='s', text='epoch 1 |', delay=0.2)  # inside epoch 2
-    assert code == 0 and 'signal received' in stdout, stderr
+                                               out_dir='s', text=EPOCH_1_DONE, delay=0.2)  # inside epoch 2
+    assert code == 0 and 'stopped (signal) at epoch' in stdout, stderr
     total = torch.load(tmp_path / 's' / 'last.pt', weights_only=True)['epoch'] + 1
     kd(tmp_path, *common, f'--max_epochs={total}', '--out_dir=s', '--init_from=auto')
     kd(tmp_path, *common, f'--max_epochs={total}', '--out_dir=u')
     a, b = weights(tmp_path / 's' / 'last.pt'), weights(tmp_path / 'u' / 'last.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_resume_with_only_out_dir_continues_exactly(setup, tmp_path):
+    folder, data = setup
+    common = [*TINY, *data, '--teacher_ckpt=' + str(folder / 'teacher' / 'best.pt'), '--gate=False', '--batch_size=2',
+              '--max_epochs=2', '--log_interval=1']
+    code, stdout, stderr = signal_when_logged('train_kd.py', *common, cwd=tmp_path, out_dir='c', text='step 2/',
+                                              sig=signal.SIGINT)
+    assert code == 130 and 'stopped (Ctrl-C) at epoch 1/2' in stdout and '--out_dir=c --init_from=resume' in stdout
+    assert events(tmp_path / 'c')[-1]['reason'] == 'interrupted'
+    run_script('train_kd.py', '--out_dir=c', '--init_from=resume', cwd=tmp_path)  # teacher, data: the saved run's
+    run_script('train_kd.py', *common, '--out_dir=u', cwd=tmp_path)
+    a, b = weights(tmp_path / 'c' / 'last.pt'), weights(tmp_path / 'u' / 'last.pt')
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -159,7 +177,7 @@ def test_bad_inputs_are_clear_and_destroy_nothing(setup, tmp_path):
     kept = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / 'kept').iterdir()}
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint at all')
     ckpt = torch.load(good, weights_only=True)
-    ckpt['model_args']['n_classes'] = 4
+    ckpt['model_args']['num_classes'] = 4
     torch.save(ckpt, tmp_path / 'four.pt')
     unfinished = finished_run(tmp_path / 'unfinished', 0.5)
     (unfinished / 'events.jsonl').write_text(json.dumps(dict(schema_version=1, event='start')) + '\n')

@@ -20,7 +20,7 @@ def make_run(folder, name, val_curve, test=None, seed=42, done=True, script='tra
     """A run directory as a train script writes it: config.json, events.jsonl, scalars.csv, model.txt."""
     path = folder / name
     path.mkdir(parents=True)
-    config = dict(model='tinycnn', seed=seed, out_dir=str(path), max_epochs=len(val_curve), **config)
+    config = dict(arch='tinycnn', seed=seed, out_dir=str(path), max_epochs=len(val_curve), **config)
     (path / 'config.json').write_text(json.dumps(dict(config=config, config_hash=config_hash(config),
                                                       argv=[script, '--x=1'], git_commit='abc')))
     events = [dict(event='start', time_s=0.0)] + [dict(event='eval', epoch=i + 1, time_s=2.0 * (i + 1))

@@ -27,7 +27,7 @@ config = configure(globals())
 if fail:
     print(f"fake: exiting {fail}")
     sys.exit(fail)
-run = RunDir(out_dir, config, resume=False)
+run = RunDir(out_dir, config)
 run.event('start', epoch=0)
 run.scalars({'epoch': 1, 'time_s': 0.1, 'lr': lr, 'train/loss': 1.0, 'val/loss': lr})
 run.event('end', reason='done', epochs=1)
@@ -209,7 +209,14 @@ def test_tiny_slm_campaign_through_sweep_and_report(tmp_path, corpus):
     proc = sweep_cli(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [(h['action'], h['status']) for h in history(tmp_path)] == [('run', 'done'), ('resume', 'done')]
-    assert 'resumed at iter 4' in (tmp_path / 'out/c/a/seed42/log.txt').read_text()
+    assert "run out/c/a/seed42 | from out/c/a/seed42/last.pt | config_hash" in \
+        (tmp_path / 'out/c/a/seed42/log.txt').read_text()
+    # under the resume rule (the saved config is the base, the sweep's keys change nothing) the hash stays the plan's,
+    # and the next sweep skips the run as done
+    planned = [h['config_hash'] for h in history(tmp_path)]
+    facts = json.loads((tmp_path / 'out/c/a/seed42/config.json').read_text())
+    assert planned[0] == planned[1] == facts['config_hash'] and facts['changed'] == {}
+    assert sweep_cli(tmp_path).returncode == 0 and history(tmp_path)[-1]['action'] == 'skip'
     proc = subprocess.run([sys.executable, str(ROOT / 'report.py'), 'out/c'], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -227,3 +234,27 @@ def test_unknown_best_of_key_is_a_clear_error(slm_campaign, monkeypatch):
     monkeypatch.setattr(sweep, 'runs', [slm_campaign, d])
     with pytest.raises(UserError, match=r"campaign run 'd' \(train_slm.py\): best_of keys \['n_layr'\]"):
         sweep.check_campaign()
+
+
+def test_ctrl_c_stops_the_run_and_the_campaign_and_the_next_sweep_resumes(tmp_path, corpus):
+    """Ctrl-C reaches the sweep and its run (one process group, as in a terminal): the run saves last.pt and exits
+    130, the sweep waits for it, records it 'interrupted', starts nothing more and exits 130."""
+    import signal
+    import time
+    tiny = dict(a.removeprefix('--').split('=', 1) for a in TINY_SLM)
+    overrides = ', '.join(f"{k}={v if v[0].isdigit() else repr(v)}" for k, v in tiny.items())
+    (tmp_path / 'camp.py').write_text(
+        f"out_root = 'out/c'\nruns = [dict(name=n, script='train_slm.py', overrides=dict({overrides}, "
+        f"dataset={str(corpus)!r}, max_iters=100000, eval_interval=100000)) for n in ('a', 'b')]\n")
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'sweep.py'), 'camp.py'], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = tmp_path / 'out/c/a/seed42/log.txt', time.time() + 120
+    while not (log.exists() and 'iter 5/' in log.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
+    assert [(h['name'], h['status'], h['returncode']) for h in history(tmp_path)] == [('a', 'interrupted', 130)]
+    assert 'stopping (interrupted)' in stdout and not (tmp_path / 'out/c/b').exists()
+    plan = sweep_cli(tmp_path, '--dry_run=True').stdout
+    assert 'a seed 42 | resume |' in plan and 'b seed 42 | run |' in plan

@@ -25,6 +25,9 @@ def audio(cwd, *args, check=True):
     return run_script('train_audio.py', *TINY, *args, cwd=cwd, check=check)
 
 
+EPOCH_1_DONE = 'epoch 1/1000 | train/loss'  # the line of the first finished epoch
+
+
 def events(run_dir):
     return [json.loads(line) for line in (run_dir / 'events.jsonl').read_text().splitlines()]
 
@@ -51,7 +54,7 @@ def test_configs_train_and_write_their_artifacts(tmp_path, sounds, config, param
     assert len((run / 'test_per_class.csv').read_text().splitlines()) == 4
     ckpt = torch.load(run / 'best.pt', weights_only=True)
     assert {'optimizer_state_dict', 'rng_state', 'input_stats', 'model_args', 'args'} <= set(ckpt)
-    assert ckpt['model_args']['model'] == config.removeprefix('audio_')
+    assert ckpt['model_args']['arch'] == config.removeprefix('audio_')
 
 
 def test_early_stopping_is_strict_and_the_test_uses_best(tmp_path, sounds):
@@ -74,9 +77,9 @@ def test_resume_equals_uninterrupted(tmp_path, sounds):
 
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path, sounds):
     code, stdout, stderr = sigterm_when_logged('train_audio.py', *TINY, '--batch_size=2', *sounds, '--max_epochs=1000',
-                                               '--patience=999', cwd=tmp_path, out_dir='out/s', text='epoch 1 |',
+                                               '--patience=999', cwd=tmp_path, out_dir='out/s', text=EPOCH_1_DONE,
                                                delay=0.2)  # land inside epoch 2
-    assert code == 0 and 'signal received' in stdout, stderr
+    assert code == 0 and 'stopped (signal) at epoch' in stdout, stderr
     total = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)['epoch'] + 2
     common = [*TINY, '--batch_size=2', *sounds, f'--max_epochs={total}', '--patience=999']
     run_script('train_audio.py', *common, '--out_dir=out/s', '--init_from=auto', cwd=tmp_path)

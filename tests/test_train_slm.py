@@ -34,7 +34,8 @@ def weights(path):
 
 def logged_losses(run_dir):
     """{iter: loss} from the 'iter N | loss X | ...' lines of log.txt."""
-    return {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+) \| loss (\S+)', (run_dir / 'log.txt').read_text(), re.M)}
+    return {int(m[1]): m[2] for m in re.finditer(r'^iter (\d+)/\d+ \| loss (\S+)', (run_dir / 'log.txt').read_text(),
+                                                 re.M)}
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +67,12 @@ def test_run_directory_holds_the_facts(trained):
     assert ckpt['iter_num'] == 6 and ckpt['config_hash'] == facts['config_hash']
     assert 'module.' not in ''.join(ckpt['model_state_dict']) and '_orig_mod' not in ''.join(ckpt['model_state_dict'])
     log = (trained / 'log.txt').read_text()
-    assert re.search(r'^iter 6 \| loss \d+\.\d{4} \| lr 3\.0e-04 \| \d+ms \| mfu (\d+\.\d%|n/a)$', log, re.M)
+    assert re.search(r'^iter 6/6 \| loss \d+\.\d{4} \| lr 3\.0e-04 \| \d+\.\d ms/step \| mfu \d+\.\d% \| '
+                     r'elapsed \d+\.\ds \| eta 0\.0s$', log, re.M)
+    assert re.search(r'^eval 0/6 \| train/loss - \| val/loss \d+\.\d{4}$', log, re.M)  # no training yet: '-', not nan
+    assert re.search(r'^mfu: against [\d,.]+ GFLOP/s, the best of 20 fp32 \(128x32\)@\(32x64\) matmuls on cpu', log, re.M)
+    assert log.splitlines()[0] == f"run out/run | new | config_hash {facts['config_hash'][:12]}"
+    assert re.search(r'^done at iter 6/6 \| best val/loss \d+\.\d{4} \| took \S+ \| out/run: best.pt last.pt$', log, re.M)
     assert (trained / 'samples.txt').read_text().count('--- iter') == 3
 
 
@@ -95,8 +101,8 @@ def test_resume_equals_uninterrupted(tmp_path, corpus):
 def test_sigterm_saves_and_auto_resume_continues_exactly(tmp_path, corpus):
     code, stdout, stderr = sigterm_when_logged('train_slm.py', *TINY_SLM, f'--dataset={corpus}',
                                                '--eval_interval=100000', '--max_iters=100000', cwd=tmp_path,
-                                               out_dir='out/s', text='iter 5 |')
-    assert code == 0 and 'signal received' in stdout, stderr
+                                               out_dir='out/s', text='iter 5/')
+    assert code == 0 and 'stopped (signal) at iter' in stdout, stderr
     stopped_at = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)['iter_num']
     assert stopped_at >= 5 and events(tmp_path / 'out' / 's')[-1]['reason'] == 'signal'
     total = stopped_at + 3
@@ -187,7 +193,7 @@ def test_scratch_over_a_run_is_refused_and_resume_conflicts_are_errors(trained, 
     out_dir = f'--out_dir={trained}'
     assert_clean_error(train(trained, corpus, out_dir, check=False), 'already holds', '--overwrite=True')
     assert_clean_error(train(trained, corpus, out_dir, '--init_from=resume', '--n_layer=2', check=False),
-                       'n_layer=2 (checkpoint: 1)')
+                       "n_layer=2 (the checkpoint's: 1)", 'a run keeps its architecture')
     assert_clean_error(train(trained, corpus, f'--out_dir={trained}_none', '--init_from=resume', check=False),
                        "init_from='resume' but", 'does not exist')
     assert before == {name: digest(trained / name) for name in before}

@@ -17,6 +17,9 @@ def spoter(cwd, *args, check=True):
     return run_script('train_spoter.py', '--device=cpu', '--batch_size=8', *args, cwd=cwd, check=check)
 
 
+EPOCH_1_DONE = 'epoch 1/1000 | train/loss'  # the line of the first finished epoch
+
+
 def events(run_dir):
     return [json.loads(line) for line in (run_dir / 'events.jsonl').read_text().splitlines()]
 
@@ -89,8 +92,10 @@ def test_bad_inputs_are_clear_and_destroy_nothing(trained, csvs, tmp_path):
     assert proc.returncode == 2 and 'already holds' in proc.stderr and 'Traceback' not in proc.stderr
     proc = spoter(tmp_path, csvs[2], '--eval_only=True', '--out_dir=out/none', check=False)
     assert proc.returncode == 2 and 'eval_only=True needs a checkpoint' in proc.stderr
-    proc = spoter(tmp_path, '--optimizer=adam', check=False)
-    assert proc.returncode == 2 and "optimizer='adam'" in proc.stderr
+    proc = spoter(tmp_path, '--opt=adam', check=False)
+    assert proc.returncode == 2 and "opt='adam': expected one of 'adamw', 'sgd'; did you mean 'adamw'?" in proc.stderr
+    proc = spoter(tmp_path, '--optimizer=sgd', check=False)
+    assert proc.returncode == 2 and "unknown config key 'optimizer' (renamed 'opt')" in proc.stderr
     assert hashlib.sha256((trained / 'last.pt').read_bytes()).hexdigest() == before
 
 
@@ -110,9 +115,9 @@ def test_val_classes_unseen_in_training_are_an_error(tmp_path, csvs):
 
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path, csvs):
     code, stdout, stderr = sigterm_when_logged('train_spoter.py', '--device=cpu', '--batch_size=4', *csvs,
-                                               '--max_epochs=1000', cwd=tmp_path, out_dir='out/s', text='epoch 1 |',
+                                               '--max_epochs=1000', cwd=tmp_path, out_dir='out/s', text=EPOCH_1_DONE,
                                                delay=0.3)  # land somewhere inside epoch 2 (8 steps of ~0.1 s)
-    assert code == 0 and 'signal received' in stdout, stderr
+    assert code == 0 and 'stopped (signal) at epoch' in stdout, stderr
     saved = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
     total = saved['epoch'] + 2
     spoter(tmp_path, '--batch_size=4', *csvs, f'--max_epochs={total}', '--out_dir=out/s', '--init_from=auto')

@@ -19,6 +19,9 @@ def vae(cwd, *args, check=True):
     return run_script('train_vae.py', *TINY, *args, cwd=cwd, check=check)
 
 
+EPOCH_1_DONE = 'epoch 1/1000 | train/loss'  # the line of the first finished epoch
+
+
 def events(run_dir):
     return [json.loads(line) for line in (run_dir / 'events.jsonl').read_text().splitlines()]
 
@@ -43,9 +46,10 @@ def test_smoke_run_writes_figures_scalars_and_mig(trained):
         assert f"[VISUALIZATION] Saved: out/run/figures/{name}" in stdout
     assert list(work.glob('cache/vae/sprites_*.npz'))  # the built-in sprites went through the dSprites loader
     header = (run_dir / 'scalars.csv').read_text().splitlines()[0].split(',')
-    assert header[:6] == ['epoch', 'time_s', 'lr', 'train/loss', 'train/recon', 'train/kl']
-    assert {'val/loss', 'recon', 'kl', 'kl_dim_0', 'kl_dim_9', 'active_dims', 'pixel_acc', 'fg_iou',
-            'recall_0', 'recall_1'} <= set(header) and 'kl_dim_10' not in header
+    assert header[:5] == ['epoch', 'time_s', 'lr', 'train/loss', 'val/loss']  # the leading columns of every script
+    assert {'train/recon', 'train/kl', 'val/recon', 'val/kl', 'val/kl_dim_0', 'val/kl_dim_9', 'val/active_dims',
+            'val/pixel_acc', 'val/fg_iou', 'val/recall_0', 'val/recall_1', 'mig', 'samples_per_s'} <= set(header)
+    assert 'val/kl_dim_10' not in header
     end = events(run_dir)[-1]
     assert end['event'] == 'end' and end['epochs'] == 2 and 0.0 <= end['mig'] <= 1.0
     assert set(end['mig_per_factor']) == {'shape', 'scale', 'orientation', 'posX', 'posY'}  # colour is constant
@@ -53,11 +57,11 @@ def test_smoke_run_writes_figures_scalars_and_mig(trained):
     best_epoch = torch.load(run_dir / 'best.pt', weights_only=True)['epoch']
     assert float(rows[best_epoch - 1]['mig']) == pytest.approx(end['mig'], rel=1e-5)
     ckpt = torch.load(run_dir / 'last.pt', weights_only=True)
-    assert ckpt['epoch'] == 2 and ckpt['iter_num'] == 2 * (380 // 32) and ckpt['model_args']['in_classes'] == 2
+    assert ckpt['epoch'] == 2 and ckpt['iter_num'] == 2 * (380 // 32) and ckpt['model_args']['num_classes'] == 2
     last_eval = [e for e in events(run_dir) if e['event'] == 'eval'][-1]
-    kl_dims = [last_eval[f'kl_dim_{j}'] for j in range(10)]
-    assert np.isclose(sum(kl_dims), last_eval['kl'], rtol=1e-5)
-    assert last_eval['active_dims'] == sum(k > 0.05 for k in kl_dims)
+    kl_dims = [last_eval[f'val/kl_dim_{j}'] for j in range(10)]
+    assert np.isclose(sum(kl_dims), last_eval['val/kl'], rtol=1e-5)
+    assert last_eval['val/active_dims'] == sum(k > 0.05 for k in kl_dims)
 
 
 def test_eval_only_writes_figures_and_metrics_of_a_checkpoint(trained):
@@ -67,7 +71,7 @@ def test_eval_only_writes_figures_and_metrics_of_a_checkpoint(trained):
     assert '[VISUALIZATION] Saved: out/run/figures/traversals_eval.png' in proc.stdout
     end = events(run_dir)[-1]
     best = torch.load(run_dir / 'best.pt', weights_only=True)['metrics']
-    assert end['reason'] == 'eval_only' and end['fg_iou'] == best['fg_iou'] and end['kl'] == best['kl']
+    assert end['reason'] == 'eval_only' and end['val/fg_iou'] == best['val/fg_iou'] and end['val/kl'] == best['val/kl']
     trained_end = [e for e in events(run_dir) if e['event'] == 'end' and e['reason'] == 'done'][-1]
     assert end['mig'] == trained_end['mig']  # the same weights and the same images
     assert digest(run_dir / 'best.pt') == before
@@ -84,7 +88,7 @@ def test_padded_grids_focal_class_weights_capacity_and_a_figure_that_cannot_be_w
                '--capacity_stop_iter=10', '--out_dir=out/g')
     assert 'data 20x20 padded to 32x32 with class 0; the padding is masked out of the loss' in proc.stdout
     header = (run_dir / 'scalars.csv').read_text().splitlines()[0].split(',')
-    assert {'recall_0', 'recall_3', 'capacity'} <= set(header) and 'recall_4' not in header
+    assert {'val/recall_0', 'val/recall_3', 'capacity'} <= set(header) and 'val/recall_4' not in header
     row = dict(zip(header, (run_dir / 'scalars.csv').read_text().splitlines()[1].split(',')))
     assert float(row['capacity']) == 12.5  # 190 // 32 = 5 of capacity_stop_iter=10 steps: half of 25 nats
     assert torch.load(run_dir / 'last.pt', weights_only=True)['model_args']['image_size'] == 32
@@ -102,7 +106,7 @@ def test_seed_option_config_runs_the_plain_beta_vae(tmp_path):
     config = json.loads((run_dir / 'config.json').read_text())['config']
     assert (config['objective'], config['recon_loss'], config['dataset_kind']) == ('beta', 'focal', 'grids')
     row = next(csv.DictReader((run_dir / 'scalars.csv').open()))
-    val_loss, recon, kl = float(row['val/loss']), float(row['recon']), float(row['kl'])
+    val_loss, recon, kl = float(row['val/loss']), float(row['val/recon']), float(row['val/kl'])
     assert val_loss == pytest.approx(recon + config['beta'] * kl, rel=1e-4)
     assert float(row['train/tc']) == 0  # no discriminator in the plain objective
 
@@ -120,7 +124,7 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
     assert events(tmp_path / 'out' / 'b')[-1]['event'] == 'error'
     proc = vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume', '--disc_hidden=64',
                check=False)
-    assert proc.returncode == 2 and 'its discriminator is 32 wide, disc_hidden=64' in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "disc_hidden=64 (the checkpoint's: 32)" in proc.stderr, proc.stderr
     assert digest(tmp_path / 'out' / 'b' / 'last.pt') == before
     vae(tmp_path, *common, '--max_epochs=4', '--out_dir=out/b', '--init_from=resume')
     a = torch.load(tmp_path / 'out' / 'a' / 'last.pt', weights_only=True)
@@ -133,8 +137,8 @@ def test_resume_equals_uninterrupted_and_nan_keeps_the_last_checkpoint(tmp_path)
 def test_sigterm_mid_epoch_then_auto_resume_is_exact(tmp_path):
     grids = ['--dataset_kind=grids', '--num_images=600', '--objective=tc']  # 17 steps per epoch; TC samples too
     code, stdout, stderr = sigterm_when_logged('train_vae.py', *TINY, *grids, '--max_epochs=1000', cwd=tmp_path,
-                                               out_dir='out/s', text='epoch 1 |', delay=0.2)  # inside epoch 2
-    assert code == 0 and 'signal received' in stdout, stderr
+                                               out_dir='out/s', text=EPOCH_1_DONE, delay=0.2)  # inside epoch 2
+    assert code == 0 and 'stopped (signal) at epoch' in stdout, stderr
     saved = torch.load(tmp_path / 'out' / 's' / 'last.pt', weights_only=True)
     assert events(tmp_path / 'out' / 's')[-1]['reason'] == 'signal'
     total = saved['epoch'] + 2
