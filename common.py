@@ -150,6 +150,14 @@ def check_value(key, value, comment, source):
                 raise UserError(f"{source}: {key}={value!r}: expected a value in {interval[0]}")
 
 
+def _check_declared(g, config, given, fallback):
+    """check_value() for every key of config, against the comments of the script whose globals g are; the source
+    named in an error is where the value was given, else `fallback`."""
+    comments = declared_keys(os.path.abspath(g['__file__'])) if g.get('__file__') else {}
+    for k, v in config.items():
+        check_value(k, v, comments.get(k, ''), given.get(k, fallback))
+
+
 def _check_type(key, value, default, source):
     """int is accepted for a float default, anything for a None default; otherwise the type must match."""
     if default is None or type(value) is type(default):
@@ -228,10 +236,10 @@ def configure(g, argv=None):
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = text  # a string key takes the text as typed, e.g. --start=123
             g[key], given[key] = _check_type(key, value, defaults[key], "command line"), "command line"
-    for k in defaults:
-        check_value(k, g[k], comments.get(k, ''), given.get(k, f"the default of {os.path.basename(path or '')}"))
+    config = {k: g[k] for k in defaults}
+    _check_declared(g, config, given, f"the default of {os.path.basename(path or '')}")
     g['_given'] = given
-    return {k: g[k] for k in defaults}
+    return config
 
 
 def config_hash(config):
@@ -264,9 +272,7 @@ def start_from(g, config, fixed=()):
             config[k] = g[k] = saved[k]
         elif config[k] != saved[k]:
             changed[k] = [saved[k], config[k]]
-    comments = declared_keys(os.path.abspath(g['__file__'])) if g.get('__file__') else {}
-    for k in config:  # the saved values too: a key's declared range may be newer than the run
-        check_value(k, config[k], comments.get(k, ''), given.get(k, path))
+    _check_declared(g, config, given, path)  # the saved values too: a key's declared range may be newer than the run
     return ckpt, path, changed
 
 
