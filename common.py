@@ -4,10 +4,13 @@ run directory (facts, log lines, progress), checkpoints. Nothing here is a resea
 data and eval loops live in the scripts, where a forker edits them.
 """
 import ast
+import atexit
 import contextlib
 import csv
 import datetime
 import difflib
+import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -19,11 +22,13 @@ import platform
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 import tokenize
+import traceback
 import uuid
 
 
@@ -66,6 +71,13 @@ def _excepthook(kind, value, tb, _default=sys.excepthook):
     if issubclass(kind, BrokenPipeError):  # `python train_slm.py --help | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
         sys.exit(0)
+    if issubclass(kind, OSError) and (value.filename or value.errno in DISK_ERRORS):  # full, read-only, ...
+        where = f"{value.filename}: " if value.filename else ''
+        with contextlib.suppress(Exception):  # the error event, where the disk still takes it
+            _RUN[0].event('error', message=f"{where}{value.strerror}")
+        print(f"error: {where}{value.strerror or value}" + ("; stopped, the last checkpoint is kept as it was"
+                                                           if _RUN else ''), file=sys.stderr)
+        sys.exit(2)
     if issubclass(kind, KeyboardInterrupt):
         print("aborted by a second Ctrl-C: the run directory keeps what it saved last" if STOP.armed else
               "interrupted (Ctrl-C) before a run directory was written: nothing to save", file=sys.stderr)
@@ -73,6 +85,8 @@ def _excepthook(kind, value, tb, _default=sys.excepthook):
     _default(kind, value, tb)
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO}
+_RUN = []  # the RunDir of this process, once there is one: an OSError still writes its error event
 sys.excepthook = _excepthook
 STOP = StopSignal()
 
@@ -207,15 +221,22 @@ def configure(g, argv=None):
     for arg in sorted(argv, key=lambda a: a.startswith('--')):
         if not arg.startswith('--'):  # a config file: plain Python run in the script's globals
             if not os.path.isfile(arg):
-                raise UserError(f"config file not found: {arg} (expected a path to a .py file of key = value lines)")
-            with open(arg) as f:
-                source = f.read()
+                raise UserError(f"config file {'is a directory' if os.path.isdir(arg) else 'not found'}: {arg} "
+                                f"(expected a path to a .py file of key = value lines)")
             try:
+                with open(arg, encoding='utf-8') as f:
+                    source = f.read()
                 code, assigned = compile(source, arg, 'exec'), _assigned(source)
-            except SyntaxError as e:
-                raise UserError(f"config file {arg}, line {e.lineno}: {e.msg}") from None
+            except (SyntaxError, UnicodeDecodeError) as e:
+                where = f"line {e.lineno}: {e.msg}" if isinstance(e, SyntaxError) else f"not UTF-8 text ({e.reason})"
+                raise UserError(f"config file {arg}, {where}") from None
             before = dict(g)
-            exec(code, g)
+            try:
+                exec(code, g)
+            except Exception as e:  # the config's own code failed: name its line, not configure()'s
+                line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
+                             if fr.filename == arg), '?')
+                raise UserError(f"config file {arg}, line {line}: {type(e).__name__}: {e}") from None
             for k, v in list(g.items()):
                 if k.startswith('_') or not isinstance(v, CONFIG_TYPES) or (k in before and before[k] is v and
                                                                             k not in assigned):
@@ -254,11 +275,18 @@ def start_from(g, config, fixed=()):
     (architecture, data, seed) given with another value than the checkpoint's is an error; any other changed key
     is applied. Updates config and the script's globals g in place; returns (checkpoint or None, its path,
     {key: [saved value, new value]} for the keys changed)."""
-    path = resolve_init(config['init_from'], config['out_dir'], config.get('overwrite') or config.get('eval_only'))
+    if int(os.environ.get('RANK', 0)) == 0:  # rank 0 writes the run directory, so it holds the lock
+        lock_run_dir(config['out_dir'])  # first: deciding to resume reads the directory another run may be writing
+    path = resolve_init(config['init_from'], config['out_dir'], config.get('overwrite'), config.get('eval_only'))
     if path is None:
         return None, None, {}
     ckpt, given = load_checkpoint(path), g.get('_given', {})
-    saved = ckpt['args']
+    saved = {RENAMED_KEYS.get(k, k): v for k, v in ckpt['args'].items()}  # a run saved before a key was renamed
+    script = os.path.basename(g.get('__file__') or sys.argv[0])
+    foreign = sorted(set(saved) - set(config))
+    if foreign:
+        raise UserError(f"{path} was written by {ckpt.get('script') or 'another script'}, not {script}: its config "
+                        f"has keys {script} does not know: {', '.join(foreign[:4])}" + (', ...' if foreign[4:] else ''))
     clash = [f"{k}={config[k]!r} (the checkpoint's: {saved[k]!r})" for k in fixed
              if k in given and k in saved and config[k] != saved[k]]
     if clash:
@@ -499,38 +527,124 @@ def git_commit():
     return _git('rev-parse', 'HEAD')
 
 
-class RunDir:
-    """Writes the run directory on rank 0; on other ranks every method is a no-op (printing included). Creating it
-    arms the stop signals: from here on Ctrl-C and SIGTERM let the loop save before it exits."""
+FACT_FILES = ('events.jsonl', 'scalars.csv', 'samples.txt')  # appended during a run; a checkpoint records how far
+EMPTY_SHA256 = hashlib.sha256().hexdigest()
+LIFECYCLE = ('start', 'end', 'error')  # events that stay when a resumed run cuts its facts back: they are history
 
-    def __init__(self, out_dir, config, resumed_from=None, changed=None, master=True, **provenance):
+
+def _read_bytes(path):
+    return open(path, 'rb').read() if os.path.exists(path) else b''
+
+
+class RunDir:
+    """Writes the run directory on rank 0; on other ranks every method is a no-op (printing included). Made after
+    every start check has passed, it is the first write to out_dir (the lock aside). A fresh start with overwrite
+    moves the old run aside; a resumed one first cuts its facts back to what its checkpoint covers, so a kill and a
+    resume leave the same rows as an uninterrupted run. Creating it arms the stop signals: from here on Ctrl-C and
+    SIGTERM let the loop save before it exits."""
+
+    def __init__(self, out_dir, config, ckpt=None, resumed_from=None, changed=None, master=True, **provenance):
         self.out_dir, self.master, self.start = out_dir, master, time.time()
         self.run_id = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
         self.config_hash = config_hash(config)
         STOP.armed = True
         if not master:
             return
+        # this run's own last.pt continues its history; an evaluation adds to it; any other start begins a new one
+        same_run = resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(
+            os.path.join(out_dir, 'last.pt'))
+        keep = same_run or bool(config.get('eval_only'))
+        cut = same_run and not config.get('eval_only') and bool(ckpt and ckpt.get('facts'))
+        facts = self._cut_back(ckpt['facts'], resumed_from) if cut else None  # checked before anything is written
+        notes = [self._move_aside()] if not keep and config.get('overwrite') else []
+        notes += self._remove_stale_tmp()
+        _RUN[:] = [self]  # an OSError from here on also writes an error event
         os.makedirs(out_dir, exist_ok=True)
-        mode = 'a' if resumed_from else 'w'  # a resumed run appends to its own history
-        self._log = open(os.path.join(out_dir, 'log.txt'), mode)
-        self._events = open(os.path.join(out_dir, 'events.jsonl'), mode)
-        scalars = os.path.join(out_dir, 'scalars.csv')
-        if not resumed_from and os.path.exists(scalars):
-            os.remove(scalars)
-        self._scalar_columns = None
-        if os.path.exists(scalars):
-            with open(scalars) as f:
-                self._scalar_columns = next(csv.reader(f), None)
+        self._log = open(os.path.join(out_dir, 'log.txt'), 'a' if keep else 'w')
+        self._facts = {}  # name -> [size, sha256 of the bytes]: how far the next checkpoint covers
+        for name in FACT_FILES:
+            path = os.path.join(out_dir, name)
+            old = _read_bytes(path)
+            data = facts[name] if facts else old if keep else b''
+            if data != old:  # cut back (resume), or emptied (a fresh start)
+                write_atomic(path, data) if data else os.remove(path)
+            self._facts[name] = [len(data), hashlib.sha256(data)]
+        self._scalar_columns = next(csv.reader(io.StringIO(self._facts_text('scalars.csv'))), None)
         status = _git('status', '--porcelain')
-        facts = dict(config=config, run_id=self.run_id, config_hash=self.config_hash, git_commit=git_commit(),
-                     git_dirty=bool(status) if status is not None else None, argv=sys.argv,
-                     python=platform.python_version(), torch=torch.__version__,
-                     start_time=datetime.datetime.now().isoformat(timespec='seconds'), resumed_from=resumed_from,
-                     changed=changed or {}, **provenance)
-        write_atomic(os.path.join(out_dir, 'config.json'), json.dumps(facts, indent=2).encode())
+        info = dict(config=config, run_id=self.run_id, config_hash=self.config_hash, git_commit=git_commit(),
+                    git_dirty=bool(status) if status is not None else None, argv=sys.argv,
+                    python=platform.python_version(), torch=torch.__version__,
+                    start_time=datetime.datetime.now().isoformat(timespec='seconds'), resumed_from=resumed_from,
+                    changed=changed or {}, **provenance)
+        write_atomic(os.path.join(out_dir, 'config.json'), json.dumps(info, indent=2).encode())
         news = ', '.join(f"{k} {old!r} -> {new!r}" for k, (old, new) in (changed or {}).items())
         self.print(f"run {out_dir} | " + (f"from {resumed_from}" + (f" | changed: {news}" if news else '')
                                           if resumed_from else 'new') + f" | config_hash {self.config_hash[:12]}")
+        for note in filter(None, notes):
+            self.print(note)
+
+    def _cut_back(self, covered, ckpt_path):
+        """{fact file: its bytes as the checkpoint saw them}, plus the lifecycle events written after it (a stop's
+        end event). A file that no longer starts with what the checkpoint covered was edited: refused."""
+        kept = {}
+        for name in FACT_FILES:
+            path, (size, digest) = os.path.join(self.out_dir, name), covered.get(name, (0, EMPTY_SHA256))
+            data = _read_bytes(path)
+            if len(data) < size or hashlib.sha256(data[:size]).hexdigest() != digest:
+                raise UserError(f"{path} is not what {ckpt_path} recorded ({size:,} bytes, sha256 {digest[:12]}; "
+                                f"now {len(data):,} bytes): it was edited or cut since; restore it, or start a new "
+                                f"run (another --out_dir, or --init_from=scratch --overwrite=True)")
+            kept[name] = data[:size]
+            if name == 'events.jsonl':  # after the checkpoint: keep the stops and errors, drop the evals it lost
+                for line in data[size:].splitlines(keepends=True):
+                    with contextlib.suppress(ValueError):
+                        if line.endswith(b'\n') and json.loads(line).get('event') in LIFECYCLE:
+                            kept[name] += line
+        return kept
+
+    def _move_aside(self):
+        """overwrite=True: the old run's files go to a sibling folder named by the time, never deleted."""
+        old = sorted(n for n in os.listdir(self.out_dir) if n not in KEPT_IN_PLACE) if os.path.isdir(self.out_dir) \
+            else []
+        if not old:
+            return None
+        aside = f"{self.out_dir.rstrip(os.sep)}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside += f"-{uuid.uuid4().hex[:4]}" if os.path.exists(aside) else ''
+        os.makedirs(aside)
+        for name in old:
+            os.rename(os.path.join(self.out_dir, name), os.path.join(aside, name))
+        return f"overwrite: the old run ({len(old)} files) moved to {aside}"
+
+    def _remove_stale_tmp(self):
+        """Temporary files of saves a killed process never finished (this process holds the lock: none is live)."""
+        stale = [os.path.join(folder, n) for folder in (self.out_dir, os.path.join(self.out_dir, 'figures'))
+                 if os.path.isdir(folder) for n in os.listdir(folder) if re.search(r'\.tmp\d+$', n)]
+        for path in stale:
+            os.remove(path)
+        return [f"removed {len(stale)} temporary file(s) of an unfinished save: {', '.join(stale[:3])}"] if stale \
+            else []
+
+    def _facts_text(self, name):
+        return _read_bytes(os.path.join(self.out_dir, name)).decode('utf-8', errors='replace')
+
+    def _append(self, name, text):
+        """Append to a fact file, and to the size and digest the next checkpoint records."""
+        data, path = text.encode(), os.path.join(self.out_dir, name)
+        try:
+            with open(path, 'ab') as f:
+                f.write(data)
+        except OSError as e:  # a full disk: name the file (the excepthook makes it one line)
+            raise OSError(e.errno, e.strerror, path) from None
+        self._facts[name][0] += len(data)
+        self._facts[name][1].update(data)
+
+    def covered(self):
+        """{fact file: [size, sha256]} written so far: saved in each checkpoint, checked and cut back to on resume."""
+        return {name: [size, digest.hexdigest()] for name, (size, digest) in self._facts.items()}
+
+    def save_checkpoint(self, name, **fields):
+        """save_checkpoint() into out_dir/<name>, with the run's config_hash and how far its facts go."""
+        save_checkpoint(os.path.join(self.out_dir, name), config_hash=self.config_hash, facts=self.covered(), **fields)
 
     def print(self, *args):
         if self.master:
@@ -543,26 +657,32 @@ class RunDir:
         if self.master:
             record = dict(schema_version=SCHEMA_VERSION, event=name, run_id=self.run_id,
                           time_s=round(time.time() - self.start, 3), **fields)
-            self._events.write(json.dumps(record) + '\n')
-            self._events.flush()
+            self._append('events.jsonl', json.dumps(record) + '\n')
 
     def scalars(self, row):
         """Append one evaluation row; the header is fixed by the first row ever written to this file."""
         if not self.master:
             return
-        path = os.path.join(self.out_dir, 'scalars.csv')
         if self._scalar_columns is None:
             self._scalar_columns = list(row)
-            with open(path, 'w', newline='') as f:
-                csv.writer(f).writerow(self._scalar_columns)
+            self._append('scalars.csv', ','.join(self._scalar_columns) + '\n')
         if list(row) != self._scalar_columns:
-            raise UserError(f"{path}: columns {list(row)} differ from the file's header {self._scalar_columns}")
-        with open(path, 'a', newline='') as f:
-            csv.writer(f).writerow(['' if v is None else f"{v:.6g}" if isinstance(v, float) else v
-                                    for v in row.values()])
+            raise UserError(f"{self.out_dir}/scalars.csv: columns {list(row)} differ from the file's header "
+                            f"{self._scalar_columns}")
+        line = io.StringIO()
+        csv.writer(line, lineterminator='\n').writerow(['' if v is None else f"{v:.6g}" if isinstance(v, float)
+                                                        else v for v in row.values()])
+        self._append('scalars.csv', line.getvalue())
 
     def write_text(self, name, text, mode='w'):
-        if self.master:
+        if not self.master:
+            return
+        if name in FACT_FILES:  # samples.txt: appended, and covered by the checkpoints like the other facts
+            if mode == 'w':
+                self._facts[name] = [0, hashlib.sha256()]
+                write_atomic(os.path.join(self.out_dir, name), b'')
+            self._append(name, text)
+        else:
             with open(os.path.join(self.out_dir, name), mode) as f:
                 f.write(text)
 
@@ -581,18 +701,95 @@ class RunDir:
                        f"took {hms(time.time() - self.start)} | {self.out_dir}: {' '.join(saved) or 'no checkpoints'}")
 
 
+LOCK_FILE = '.lock'  # in every run directory while a process writes it: "pid N on host since time"
+KEPT_IN_PLACE = (LOCK_FILE, 'sweep_log.txt')  # overwrite moves the rest: sweep.py's log of every attempt stays
+
+
+def lock_run_dir(out_dir):
+    """Take the run directory's lock for the life of this process: an OS lock (flock) on out_dir/.lock, so a
+    killed process never leaves a stale one. A second writer gets one error naming the holder. At exit the lock file
+    goes, and so do the folders this call made if the run left them empty (a refused start changes nothing)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir={out_dir!r} is a file; expected a run directory (a folder, made if missing)")
+    made, parent = [], os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the folders makedirs will create, deepest first
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    path = os.path.join(out_dir, LOCK_FILE)
+    if os.path.abspath(path) in _LOCKED:
+        return  # this process holds it already
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+                os.close(fd)
+                raise UserError(f"out_dir {out_dir} is being written by {holder}: one process writes a run "
+                                f"directory; wait for it to end, stop it, or use another --out_dir") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # else its holder removed the file between our open and flock: lock the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
+    except OSError as e:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise UserError(f"out_dir {out_dir}: cannot write a run directory there ({e.strerror})") from None
+    _LOCKED.add(os.path.abspath(path))
+    atexit.register(_unlock_run_dir, fd, path, made)
+
+
+_LOCKED = set()  # the lock files this process holds
+
+
+def _unlock_run_dir(fd, path, made):
+    if os.path.abspath(path) not in _LOCKED:
+        return  # released already
+    _LOCKED.discard(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        os.remove(path)  # before the lock goes: a process that opened it meanwhile sees it is gone and retries
+    os.close(fd)
+    for folder in made:  # only if still empty: the run wrote nothing there
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def lock_holder(out_dir):
+    """None if no process holds out_dir's lock now, else who does ('pid N on host since time')."""
+    try:
+        fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # we could take it, so nobody holds it; closing the file releases it again
+    except BlockingIOError:
+        return os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+    finally:
+        os.close(fd)
+
+
 def read_events(out_dir):
     """A run directory's events.jsonl as a list (empty when there is none); a line that is not JSON is a UserError
     naming the file and the line."""
     path, records = os.path.join(out_dir, 'events.jsonl'), []
     if not os.path.exists(path):
         return records
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
             try:
+                line = raw.decode()
                 if line.strip():
-                    records.append(json.loads(line))
-            except ValueError as e:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a JSON {type(record).__name__}")
+                    records.append(record)
+            except ValueError as e:  # UnicodeDecodeError is one too
                 raise UserError(f"{path}, line {n}: not a JSON object ({e})") from None
     return records
 
@@ -618,9 +815,11 @@ def write_atomic(path, data):
             f.flush()
             os.fsync(f.fileno())  # on disk before it takes the old file's place
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: say which one
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -665,7 +864,8 @@ def load_optimizer_state(optimizer, state):
 def save_checkpoint(path, **fields):
     """torch.save to a temporary file beside `path`, then os.replace: a kill mid-save never loses the old one."""
     buffer = io.BytesIO()
-    torch.save(dict(schema_version=SCHEMA_VERSION, git_commit=git_commit(), **fields), buffer)
+    torch.save(dict(schema_version=SCHEMA_VERSION, git_commit=git_commit(), script=os.path.basename(sys.argv[0]),
+                    **fields), buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -679,7 +879,7 @@ def load_checkpoint(path, required=('model_state_dict', 'model_args', 'args')):
         raise UserError(f"{path} is not a readable checkpoint of this project: not a torch.save file of tensors and "
                         f"plain types (other Python objects are refused: loading them could run code)") from None
     except Exception as e:  # truncated zip, random bytes: all the same to a user
-        reason = str(e).strip().splitlines()[0][:200]
+        reason = (str(e).strip().splitlines() or ['the file is empty' if os.path.getsize(path) == 0 else ''])[0][:200]
         raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {reason})") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -687,14 +887,20 @@ def load_checkpoint(path, required=('model_state_dict', 'model_args', 'args')):
     return ckpt
 
 
-def resolve_init(init_from, out_dir, overwrite):
+def resolve_init(init_from, out_dir, overwrite, eval_only=False):
     """'scratch' | 'resume' | 'auto' | a checkpoint path (e.g. 'best.pt', looked up in out_dir too)
-    -> None (start fresh) or the checkpoint path to start from."""
+    -> None (start fresh) or the checkpoint path to start from. A start that would replace an out_dir's checkpoints
+    (scratch, auto without last.pt, another checkpoint) needs overwrite; eval_only writes no checkpoint."""
     last = os.path.join(out_dir, 'last.pt')
+    held = [f for f in ('last.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
     if init_from.endswith('.pt'):
         path = init_from if os.path.exists(init_from) else os.path.join(out_dir, init_from)
         if not os.path.exists(path):
             raise UserError(f"init_from={init_from!r}: no such checkpoint (looked in . and in {out_dir})")
+        if held and not (overwrite or eval_only or os.path.abspath(path) == os.path.abspath(last)):
+            raise UserError(f"out_dir {out_dir} already holds {', '.join(held)}: starting from {path} would replace "
+                            f"them; use --init_from=resume to continue that run, another --out_dir, or "
+                            f"--overwrite=True (the old run is moved aside)")
         return path
     if init_from == 'auto' and os.path.exists(last):
         return last
@@ -703,9 +909,9 @@ def resolve_init(init_from, out_dir, overwrite):
             raise UserError(f"init_from='resume' but {last} does not exist (use init_from='scratch' or 'auto')")
         return last
     if init_from in ('scratch', 'auto'):
-        held = [f for f in ('last.pt', 'best.pt') if os.path.exists(os.path.join(out_dir, f))]
         if held and not overwrite:
             raise UserError(f"out_dir {out_dir} already holds {', '.join(held)}: refusing to start from scratch over "
-                            f"it; use --init_from=resume or auto, another --out_dir, or --overwrite=True")
+                            f"it; use --init_from=resume or auto, another --out_dir, or --overwrite=True (the old run "
+                            f"is moved aside)")
         return None
     raise UserError(f"init_from={init_from!r}: expected 'scratch', 'resume', 'auto' or a path to a .pt file")

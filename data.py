@@ -1,8 +1,11 @@
 """
 Every data format the scripts read, and the built-in data they fall back on. One banner per family.
-Prepared data goes to cache/, keyed by a hash of what produced it, written atomically.
+Prepared data goes to cache/, keyed by a hash of what produced it (source files by content, or by path, size and
+modification time), written atomically, with checksums of its own files verified before every reuse. No data file
+can run code: npz members are read with pickling off, dSprites' pickled metadata through a restricted unpickler.
 """
 import ast
+import codecs
 import contextlib
 import csv
 import functools
@@ -99,15 +102,20 @@ def read_text_file(path):
     try:
         text = raw.decode('utf-8')
     except UnicodeDecodeError as e:
-        raise UserError(f"dataset {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise UserError(f"dataset {path} is not UTF-8 text (line {line}, byte {e.start}: {raw[e.start:e.start + 1]!r}; "
+                        f"Latin-1 or UTF-16? save it as UTF-8)") from None
     if not text:
         raise UserError(f"dataset {path} is empty")
     return text, {'source': os.path.abspath(path)}
 
 
-def prepare_text(dataset, cache_dir, val_fraction=0.05):
+def prepare_text(dataset, cache_dir, val_fraction=0.05, log=print):
     """Tokenize a corpus once into cache_dir/slm/<sha>/{train,val}.bin (uint8) + meta.json.
-    dataset='' means the stdlib corpus. Re-prepared whenever the source text changes (the key is its sha256)."""
+    dataset='' means the stdlib corpus. Re-prepared whenever the source text changes (the key is its sha256), and
+    when a token file no longer has the sha256 meta.json recorded (one log line says why). meta holds chars,
+    unk_count and unk_top (the commonest characters mapped to <UNK>, with counts): enough to warn about a text the
+    ASCII tokenizer does not fit."""
     text, provenance = stdlib_corpus() if not dataset else read_text_file(dataset)
     text = text.replace('\r\n', '\n')  # Windows line endings would otherwise become UNK + '\n'
     tokenizer = CharTokenizer()
@@ -115,22 +123,24 @@ def prepare_text(dataset, cache_dir, val_fraction=0.05):
     key = hashlib.sha256(json.dumps([sha, tokenizer.to_dict(), val_fraction]).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, 'slm', key)
     meta_path = os.path.join(folder, 'meta.json')
-    try:  # reuse the cache only if it is complete: meta.json readable, both token files of the recorded size
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if all(os.path.getsize(os.path.join(folder, f'{s}.bin')) == meta[f'{s}_tokens'] for s in ('train', 'val')):
-            return folder, dict(meta, **provenance)  # the same text may come from another path this time
-    except (OSError, ValueError, KeyError):
-        pass  # missing, partial or corrupt: prepare it again (nothing else lives in this folder)
+    meta, problem = read_cache_meta(meta_path)
+    if meta:
+        return folder, dict(meta, **provenance)  # the same text may come from another path this time
+    if problem:
+        log(f"token cache {folder}: prepared again: {problem}")
     ids = tokenizer.encode_array(text)
     n_train = int(len(ids) * (1 - val_fraction))  # contiguous split: no leakage between neighbouring windows
     os.makedirs(folder, exist_ok=True)
-    write_atomic(os.path.join(folder, 'train.bin'), ids[:n_train].tobytes())
-    write_atomic(os.path.join(folder, 'val.bin'), ids[n_train:].tobytes())
-    meta = dict(provenance, sha256=sha, chars=len(text), unk_count=int((ids == UNK).sum()), dtype='uint8',
+    paths = [os.path.join(folder, f'{split}.bin') for split in ('train', 'val')]
+    write_atomic(paths[0], ids[:n_train].tobytes())
+    write_atomic(paths[1], ids[n_train:].tobytes())
+    unk = ids == UNK  # which code points became <UNK>, commonest first: what a warning can name
+    codes, counts = np.unique(np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), np.uint32)[unk],
+                              return_counts=True)
+    unk_top = [[chr(codes[i]), int(counts[i])] for i in np.argsort(-counts, kind='stable')[:5]]
+    meta = dict(provenance, sha256=sha, chars=len(text), unk_count=int(unk.sum()), unk_top=unk_top, dtype='uint8',
                 train_tokens=n_train, val_tokens=len(ids) - n_train, tokenizer=tokenizer.to_dict())
-    write_atomic(meta_path, json.dumps(meta, indent=2).encode())  # written last: its presence marks completeness
-    return folder, meta
+    return folder, write_cache_meta(meta_path, paths, **meta)  # written last: its presence marks completeness
 
 
 def window_starts(n_tokens, block_size, stride):
@@ -274,13 +284,34 @@ def _spoter_clip(path, row_number, row, columns):
     if not np.isfinite(values).all():  # json accepts NaN/Infinity; they would only surface later as a NaN loss
         name = SPOTER_COLUMNS[int(np.nonzero(~np.isfinite(values).all(1))[0][0])]
         raise UserError(f"{path}: row {row_number}, column {name}: contains a NaN or infinite value")
+    outside = (values < 0) | (values > 1)  # 0 is the missing-joint marker; pixel coordinates run into the hundreds
+    if outside.any():
+        track, frame = np.argwhere(outside)[0]
+        raise UserError(f"{path}: row {row_number}, column {SPOTER_COLUMNS[track]}: {values[track, frame]:g} (frame "
+                        f"{frame}) is outside [0, 1]; expected coordinates normalized by the frame size (0 = missing "
+                        f"joint), not pixels")
     return values.astype(np.float32).reshape(54, 2, -1).transpose(2, 0, 1).copy()  # (T, 54, 2)
+
+
+def _utf8_error(path, where, header_row):
+    """The UserError for a CSV that is not UTF-8: the row (the header being row `header_row`) and offset of its
+    first invalid byte. The file is decoded whole here, on the error path only, so the row is exact."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        row = header_row + raw.count(b'\n', 0, e.start)
+        return UserError(f"{where}: row {row}: not a readable UTF-8 CSV (byte {e.start} is {raw[e.start:e.start + 1]!r}:"
+                         f" Latin-1 or UTF-16? save it as UTF-8)")
+    return UserError(f"{where}: not a readable UTF-8 CSV")
 
 
 def read_spoter_csv(path):
     """Read a SPOTER CSV: one row per video, `labels` plus `<landmark>_X/_Y` cells of per-frame lists.
     Returns (clips: list of (T, 54, 2) float32 with values as in the file (Y up, 0 = missing), labels: int64 raw,
-    skipped: rows with no landmark in any frame, dropped). Extra columns (root_X, video_fps, ...) are ignored."""
+    skipped: rows with no landmark in any frame, dropped). Extra columns (root_X, video_fps, ...) are ignored.
+    Every coordinate must be finite and in [0, 1] (0 marks a missing joint)."""
     if not os.path.isfile(path):
         raise UserError(f"pose CSV {path}: no such file" + (" (it is a directory)" if os.path.isdir(path) else ""))
     clips, labels, skipped, row_number = [], [], 0, 0
@@ -303,18 +334,37 @@ def read_spoter_csv(path):
                     continue
                 clips.append(clip)
                 labels.append(label)
-        except (UnicodeDecodeError, csv.Error) as e:  # a binary or non-UTF-8 file, a NUL byte, an unclosed quote
-            raise UserError(f"{path}: row {row_number + 1}: not a readable UTF-8 CSV ({e})") from None
+        except UnicodeDecodeError:  # a binary, Latin-1 or UTF-16 file
+            raise _utf8_error(path, str(path), 0) from None
+        except csv.Error as e:  # a NUL byte, an unclosed quote
+            raise UserError(f"{path}: row {row_number + 1}: not a readable CSV ({e})") from None
     if not clips:
         why = f"all {skipped} rows have no landmark in any frame" if skipped else "a header but no data rows"
         raise UserError(f"pose CSV {path} has {why}")
     return clips, np.array(labels, dtype=np.int64), skipped
 
 
+def _csv_label_row(path, label, index):
+    """'row N' (data rows from 1) of the first row of SPOTER CSV `path` labelled `label`, for messages (the pose
+    cache keeps no row numbers); 'row {index + 1} of the kept rows' where the file cannot tell."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, csv.Error, StopIteration, ValueError):
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.reader(f)
+            column = [name.strip() for name in next(reader)].index('labels')
+            for number, row in enumerate(reader, start=1):
+                with contextlib.suppress(ValueError, IndexError):  # blank lines, bad cells: not this row
+                    if float(row[column]) == label:
+                        return f"row {number}"
+    return f"row {index + 1} of the kept rows"
+
+
 def resolve_label_offset(labels, label_offset, num_classes, path):
     """Make labels 0-based. 'auto': smallest label 1 -> subtract 1 (the original's convention), 0 -> keep, else an
     error; an int -> subtract it. Resolve on the training set and pass the resulting int for val/test, whose
-    smallest class may be absent. Returns (labels_zero_based, offset)."""
+    smallest class may be absent. 'auto' with num_classes None is that training file, whose largest label sets
+    the class count, so its labels must also be dense (0..C-1 or 1..C): the classes may not outnumber twice the
+    distinct labels (more than half the ids unused), which stops a typo such as 100000 among 0..99 from making
+    100,001 classes. Errors name the CSV row. Returns (labels_zero_based, offset)."""
     labels = np.asarray(labels, dtype=np.int64)
     if label_offset == 'auto':
         smallest = int(labels.min()) if len(labels) else 0
@@ -331,9 +381,15 @@ def resolve_label_offset(labels, label_offset, num_classes, path):
     if bad.any():
         first = int(np.nonzero(bad)[0][0])
         valid = f"0..{num_classes - 1}" if num_classes is not None else "0 or more"
-        raise UserError(f"{path}: label {int(labels[first])} (row {first + 1} of the kept rows) minus label_offset "
-                        f"{offset} is {int(shifted[first])}, outside the valid range {valid} "
+        raise UserError(f"{path}: label {int(labels[first])} ({_csv_label_row(path, labels[first], first)}) minus "
+                        f"label_offset {offset} is {int(shifted[first])}, outside the valid range {valid} "
                         f"({int(bad.sum())} labels out of range; check label_offset and num_classes)")
+    n_used = len(np.unique(shifted))
+    if label_offset == 'auto' and num_classes is None and len(labels) and shifted.max() + 1 > 2 * n_used:
+        first = int(np.argmax(shifted >= 2 * n_used))  # the first label past twice the distinct count: the outlier
+        raise UserError(f"{path}: {_csv_label_row(path, labels[first], first)}: label {int(labels[first])} would make "
+                        f"{int(shifted.max()) + 1:,} classes for {n_used} distinct labels (more than half unused); "
+                        f"labels must be dense, 0..C-1 or 1..C: fix it (a typo?), remap the labels, or set num_classes")
     return shifted, offset
 
 
@@ -353,12 +409,53 @@ def write_spoter_csv(path, clips, labels):
 
 
 def file_sha256(path):
-    """sha256 hex of a file's bytes, read in 1 MiB chunks."""
+    """sha256 hex of a file's bytes, read in 1 MiB chunks (~1.7 GB/s with the SHA CPU extensions)."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _arrays_sha256(*arrays):
+    """sha256 hex of arrays' bytes in C order: the checksum an HDF5 cache records of its own datasets."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array))
+    return digest.hexdigest()
+
+
+def write_cache_meta(meta_path, files, **fields):
+    """Write meta_path (JSON, atomically) with `fields` and the sha256 of each of `files` (cache files in its folder
+    or below); write it last, so that its presence marks the cache complete. Returns what it wrote."""
+    folder = os.path.dirname(meta_path)
+    meta = dict(fields, checksums={os.path.relpath(p, folder): file_sha256(p) for p in files})
+    write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def read_cache_meta(meta_path, **expected):
+    """-> (meta, None) when the cache meta_path describes can be reused; (None, None) when there is none (never
+    built, or interrupted before its end); (None, why not) when meta_path is unreadable, records other `expected`
+    fields (the recipe), or a file it lists is missing or fails its sha256 (changed since, same-size garbage too)."""
+    if not os.path.exists(meta_path):
+        return None, None
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        checksums = dict(meta['checksums'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{os.path.basename(meta_path)} is unreadable or records no checksums (an older version wrote it?)"
+    changed = next((key for key, value in expected.items() if meta.get(key) != value), None)
+    if changed:
+        return None, f"it was made with another {changed}"
+    for name, digest in checksums.items():
+        try:
+            if file_sha256(os.path.join(os.path.dirname(meta_path), name)) != digest:
+                return None, f"{name} fails its sha256 check (it changed after it was written)"
+        except OSError as e:
+            return None, f"{name} cannot be read ({e.strerror})"
+    return meta, None
 
 
 @contextlib.contextmanager
@@ -374,55 +471,63 @@ def replaced_when_done(path, tmp):
         raise
 
 
-def _pose_cache_problem(h5_path, sha256=None):
-    """Why an HDF5 pose cache cannot be used (None if it can): unreadable, incomplete, stale or inconsistent."""
+def _read_pose_cache(h5_path, sha256=None):
+    """-> ((frames, offsets, labels, skipped), None) from a usable HDF5 pose cache, else (None, why not): unreadable,
+    incomplete, made from another CSV (sha256), inconsistent, or failing the checksum of its arrays."""
     try:
         with h5py.File(h5_path, 'r') as f:
             if not f.attrs.get('complete', False):
-                return "it is incomplete (no complete=True attribute)"
+                return None, "it is incomplete (no complete=True attribute)"
             if sha256 is not None and f.attrs.get('sha256') != sha256:
-                return "it was made from another version of the CSV"
-            frames, offsets, labels = f['frames'], f['offsets'], f['labels']
-            if frames.shape[1:] != (54, 2) or offsets.shape != (labels.shape[0] + 1,):
-                return f"its shapes disagree: frames {frames.shape}, offsets {offsets.shape}, labels {labels.shape}"
-            ends = offsets[()]
-            if ends[0] != 0 or ends[-1] != frames.shape[0] or (np.diff(ends) < 0).any():
-                return "its offsets do not index its frames"
+                return None, "it was made from another version of the CSV"
+            frames, offsets, labels = (f[k][()] for k in ('frames', 'offsets', 'labels'))
+            skipped, checksum = int(f.attrs['skipped']), f.attrs.get('checksum')
     except (OSError, KeyError, ValueError, TypeError) as e:  # truncated or foreign file: h5py raises OSError
-        return f"it cannot be read ({type(e).__name__})"
-    return None
+        return None, f"it cannot be read ({type(e).__name__})"
+    if frames.shape[1:] != (54, 2) or offsets.shape != (labels.shape[0] + 1,):
+        return None, f"its shapes disagree: frames {frames.shape}, offsets {offsets.shape}, labels {labels.shape}"
+    if offsets[0] != 0 or offsets[-1] != frames.shape[0] or (np.diff(offsets) < 0).any():
+        return None, "its offsets do not index its frames"
+    if checksum != _arrays_sha256(frames, offsets, labels):  # 20 ms for WLASL100's ~50 MB
+        return None, "its arrays fail their sha256 check (changed after it was written, or an older version's)"
+    return (frames, offsets, labels, skipped), None
 
 
-def pose_cache(csv_path, cache_dir):
+def pose_cache(csv_path, cache_dir, log=print):
     """Convert a SPOTER CSV once into cache_dir/spoter/<sha256[:16]>.h5 (ragged: all frames concatenated, offsets,
-    raw labels) and return its path. Reused while it validates; a corrupt or partial file is rebuilt."""
+    raw labels, the sha256 of those arrays) and return its path. Reused while it validates; a corrupt, partial or
+    changed file is rebuilt, with one log line saying why."""
     if not os.path.isfile(csv_path):
         raise UserError(f"pose CSV {csv_path}: no such file")
     sha = file_sha256(csv_path)
     h5_path = os.path.join(cache_dir, 'spoter', f'{sha[:16]}.h5')  # keyed by content: an edited CSV gets a new cache
-    if os.path.exists(h5_path) and _pose_cache_problem(h5_path, sha) is None:
-        return h5_path
+    if os.path.exists(h5_path):
+        problem = _read_pose_cache(h5_path, sha)[1]
+        if problem is None:
+            return h5_path
+        log(f"pose cache {h5_path}: rebuilt: {problem}")
     clips, labels, skipped = read_spoter_csv(csv_path)  # bad input stops here, before anything is written
+    frames = np.concatenate(clips).astype(np.float32)  # (total_frames, 54, 2)
     offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
     os.makedirs(os.path.dirname(h5_path), exist_ok=True)
     tmp = f'{h5_path}.tmp{os.getpid()}'  # per-process name: DDP ranks preparing at once never share a file
     with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
-        f.create_dataset('frames', data=np.concatenate(clips).astype(np.float32))  # (total_frames, 54, 2)
+        f.create_dataset('frames', data=frames)
         f.create_dataset('offsets', data=offsets)  # clip i = frames[offsets[i]:offsets[i+1]]
         f.create_dataset('labels', data=labels)
-        f.attrs.update(source=os.path.abspath(csv_path), sha256=sha, skipped=skipped)
+        f.attrs.update(source=os.path.abspath(csv_path), sha256=sha, skipped=skipped,
+                       checksum=_arrays_sha256(frames, offsets, labels))
         f.attrs['complete'] = True  # last: a file without it was interrupted
     return h5_path
 
 
 def load_pose_cache(h5_path):
-    """Read a pose cache fully into memory (WLASL100 is ~2k clips). Returns (frames (N, 54, 2) float32,
-    offsets (n_clips + 1,) int64, labels (n_clips,) int64 raw, skipped)."""
-    problem = _pose_cache_problem(h5_path)
+    """Read a pose cache fully into memory (WLASL100 is ~2k clips), checksum verified. Returns (frames (N, 54, 2)
+    float32, offsets (n_clips + 1,) int64, labels (n_clips,) int64 raw, skipped)."""
+    arrays, problem = _read_pose_cache(h5_path)
     if problem:
         raise UserError(f"pose cache {h5_path} is not usable: {problem}; delete it to rebuild it from the CSV")
-    with h5py.File(h5_path, 'r') as f:
-        return f['frames'][()], f['offsets'][()], f['labels'][()], int(f.attrs['skipped'])
+    return arrays
 
 
 def pad_clips(clips, indices):
@@ -868,27 +973,24 @@ def make_sign_clips(num_classes, clips_per_class, seed, min_frames=20, max_frame
     return clips, np.array(labels, dtype=np.int64)
 
 
-def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0):
+def write_sign_csvs(folder, num_classes=10, clips_per_class=(40, 10, 10), seed=0, log=print):
     """Write procedural train/val/test SPOTER CSVs (0-based labels) into folder, split i with seed 3*seed + i
-    (disjoint for every seed). Skipped when meta.json records the same recipe and the files' current hashes."""
+    (disjoint for every seed). Skipped when meta.json records the same recipe and each file still has its recorded
+    sha256; otherwise written again (one log line says why, unless there was nothing yet)."""
     recipe = dict(version=SIGN_GENERATOR_VERSION, world_seed=SIGN_WORLD_SEED, num_classes=num_classes,
                   clips_per_class=list(clips_per_class), seed=seed)
-    paths = {split: os.path.join(folder, f'{split}.csv') for split in ('train', 'val', 'test')}
+    paths = [os.path.join(folder, f'{split}.csv') for split in ('train', 'val', 'test')]
     meta_path = os.path.join(folder, 'meta.json')
-    try:  # reuse only if every file is still the one recorded (an edited or half-written file is rewritten)
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta['recipe'] == recipe and all(file_sha256(p) == meta['sha256'][s] for s, p in paths.items()):
-            return tuple(paths.values())
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    meta, problem = read_cache_meta(meta_path, recipe=recipe)
+    if meta:
+        return tuple(paths)
+    if problem:
+        log(f"built-in signs {folder}: written again: {problem}")
     os.makedirs(folder, exist_ok=True)
-    hashes = {}
-    for i, (split, path) in progress(enumerate(paths.items()), f"built-in signs {folder}: CSV files", 3):
+    for i, path in progress(enumerate(paths), f"built-in signs {folder}: CSV files", 3):
         write_spoter_csv(path, *make_sign_clips(num_classes, clips_per_class[i], seed=3 * seed + i))
-        hashes[split] = file_sha256(path)
-    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=hashes), indent=2).encode())  # last: marks done
-    return tuple(paths.values())
+    write_cache_meta(meta_path, paths, recipe=recipe)  # last: marks done
+    return tuple(paths)
 
 
 # -----------------------------------------------------------------------------
@@ -1046,73 +1148,157 @@ def _hash_split(path):
 
 def read_audio_manifest(manifest, label_map, audio_root=''):
     """CSV manifest -> {split: [(wav path, class id), ...]}, n_left_out. Reads the path, label and (optional)
-    split columns only, no audio. Without a split column clips are split 70/15/15 by a hash of their path."""
+    split columns only, no audio. Without a split column clips are split 70/15/15 by a hash of their path.
+    Rows are numbered as lines of the file (the header is row 1)."""
     if not os.path.isfile(manifest):
         raise UserError(f"manifest {manifest}: no such file")
     root = audio_root or os.path.dirname(os.path.abspath(manifest))
-    with open(manifest, newline='', encoding='utf-8') as f:
+    splits, left_out, rows = {}, 0, 0
+    with open(manifest, newline='', encoding='utf-8-sig') as f:  # utf-8-sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        path_col = next((c for c in AUDIO_PATH_COLUMNS if c in columns), None)
-        label_col = next((c for c in AUDIO_LABEL_COLUMNS if c in columns), None)
-        if path_col is None or label_col is None:
-            raise UserError(f"manifest {manifest}: needs a path column (one of {AUDIO_PATH_COLUMNS}) and a label "
-                            f"column (one of {AUDIO_LABEL_COLUMNS}); it has {columns}")
-        splits, left_out = {}, 0
-        for row_number, row in enumerate(reader, start=2):
-            where = f"manifest {manifest}, row {row_number}, column {label_col!r}"
-            label = map_label(row[label_col] or '', label_map, where)
-            if label is None:
-                left_out += 1
-                continue
-            path = os.path.join(root, row[path_col])
-            split = (row.get('split') or '').strip() or _hash_split(row[path_col])
-            splits.setdefault(split, []).append((path, label))
+        try:
+            columns = reader.fieldnames
+            if not columns:
+                raise UserError(f"manifest {manifest} is empty: expected a header with a path column (one of "
+                                f"{AUDIO_PATH_COLUMNS}) and a label column (one of {AUDIO_LABEL_COLUMNS})")
+            path_col = next((c for c in AUDIO_PATH_COLUMNS if c in columns), None)
+            label_col = next((c for c in AUDIO_LABEL_COLUMNS if c in columns), None)
+            if path_col is None or label_col is None:
+                raise UserError(f"manifest {manifest}: needs a path column (one of {AUDIO_PATH_COLUMNS}) and a label "
+                                f"column (one of {AUDIO_LABEL_COLUMNS}); it has {columns}")
+            for rows, row in enumerate(reader, start=1):
+                where = f"manifest {manifest}, row {reader.line_num}"
+                if not (row[path_col] or '').strip():  # a short row or an empty cell: not the folder itself
+                    raise UserError(f"{where}, column {path_col!r}: empty; expected the path of a WAV file")
+                label = map_label(row[label_col] or '', label_map, f"{where}, column {label_col!r}")
+                if label is None:
+                    left_out += 1
+                    continue
+                split = (row.get('split') or '').strip() or _hash_split(row[path_col])
+                splits.setdefault(split, []).append((os.path.join(root, row[path_col]), label))
+        except UnicodeDecodeError:  # a Latin-1 or UTF-16 export
+            raise _utf8_error(manifest, f"manifest {manifest}", 1) from None
+        except csv.Error as e:  # a NUL byte, an unclosed quote
+            raise UserError(f"manifest {manifest}, row {reader.line_num + 1}: not a readable CSV ({e})") from None
+    if not rows:
+        raise UserError(f"manifest {manifest} has a header but no data rows")
     if not splits:
         raise UserError(f"manifest {manifest}: no clip of the classes in label_map {label_map}")
     return splits, left_out
 
 
-def read_array_file(path, keys, what):
-    """-> ({key: array} for those of `keys` the .npz / .h5 file holds, the names of all its arrays). Arrays only:
-    nothing in the file is unpickled. A file that cannot be read raises UserError naming it."""
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside _SAFE_GLOBALS; the message names it."""
+
+
+_np_core = getattr(np, '_core', None) or np.core  # numpy 2 renamed numpy.core
+# what numpy's pickles of plain arrays, dtypes and scalars refer to, under the module names of the numpy (1.x or 2,
+# Python 2 or 3) that wrote them; plus _codecs.encode, how Python 3 writes bytes at protocol 2. Dicts, lists, tuples,
+# str, bytes, int and float are pickle opcodes and need no global.
+_SAFE_GLOBALS = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype, ('_codecs', 'encode'): codecs.encode}
+for _package in ('numpy.core', 'numpy._core'):
+    _SAFE_GLOBALS.update({(f'{_package}.multiarray', '_reconstruct'): _np_core.multiarray._reconstruct,
+                          (f'{_package}.multiarray', 'scalar'): _np_core.multiarray.scalar,
+                          (f'{_package}.numeric', '_frombuffer'): _np_core.numeric._frombuffer})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numbers, strings, containers and numpy arrays, nothing else: every global is looked up in
+    _SAFE_GLOBALS (never imported), so a __reduce__ payload (os.system, builtins.eval, ...) is refused, not run."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return _SAFE_GLOBALS[module, name]
+
+
+# .npy format version -> header reader; 3.0 differs from 2.0 only in utf-8 field names, irrelevant to hasobject
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
+                (3, 0): np.lib.format.read_array_header_2_0}
+
+
+def _read_npy(zip_file, key, path, what, pickled):
+    """One member of an npz: numbers or strings through numpy's reader with pickling off; an object array (a pickle)
+    through _ArrayUnpickler if key is in `pickled`, else refused."""
+    with zip_file.open(f'{key}.npy') as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"array {key!r}: unsupported .npy format version {version}")
+        if not _NPY_HEADERS[version](f)[2].hasobject:
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+        if key not in pickled:
+            raise UserError(f"{what} {path}: array {key!r} holds Python objects (a pickle), which are never loaded; "
+                            f"expected an array of numbers or strings")
+        try:
+            return _ArrayUnpickler(f, encoding='latin1').load()  # latin1: Python 2's byte strings (dSprites)
+        except _RefusedGlobal as e:
+            raise UserError(f"{what} {path}: array {key!r} is a pickle that would load {e}; only numbers, strings, "
+                            f"containers and numpy arrays are unpickled (no data file may run code)") from None
+        except Exception as e:  # garbage can fail in any way; the restricted unpickler runs no code meanwhile
+            raise UserError(f"{what} {path}: array {key!r} is not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def read_array_file(path, keys, what, pickled=()):
+    """-> ({key: array} for those of `keys` the .npz / .h5 file holds, the names of all its arrays). Nothing in
+    the file can run code: HDF5 has no pickles, and an npz object array (a pickle) is refused unless its key is in
+    `pickled`, whose pickle goes through _ArrayUnpickler. A file that cannot be read raises UserError naming it."""
     try:
         if path.endswith(('.h5', '.hdf5')):
             with h5py.File(path, 'r') as f:
-                return {k: f[k][()] for k in keys if k in f}, list(f)
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in keys if k in f.files}, f.files
+                return {k: f[k][()] for k in keys if isinstance(f.get(k), h5py.Dataset)}, list(f)
+        with zipfile.ZipFile(path) as z:
+            names = [n[:-len('.npy')] for n in z.namelist() if n.endswith('.npy')]
+            return {k: _read_npy(z, k, path, what, pickled) for k in keys if k in names}, names
     except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise UserError(f"{what} {path}: cannot read it as .npz or HDF5 ({type(e).__name__}: {e})") from None
 
 
 def read_waveform_arrays(path, label_map):
-    """.npz / .h5 of raw waveforms -> {split: [(waveform float32, class id), ...]}, n_left_out, sample_rate.
-    Arrays: 'waveforms' (N, L) float or int16, 'labels' (N,) names or ids, optional 'lengths' (N,) valid samples
-    per row, 'split' (N,) names, 'sample_rate' (scalar, default 16000)."""
+    """.npz / .h5 of raw waveforms -> {split: [(waveform float32, class id), ...]}, n_left_out, sample_rate, and
+    {split: [name of each clip]} ('<path> row i', for log lines). Arrays: 'waveforms' (N, L) float in [-1, 1] or
+    int16, 'labels' (N,) names or ids, optional 'lengths' (N,) integers in 0..L (valid samples per row), 'split'
+    (N,) names, 'sample_rate' (one positive integer, default 16000). Any other shape or dtype is refused."""
     if not os.path.isfile(path):
         raise UserError(f"waveform file {path}: no such file")
     arrays, found = read_array_file(path, ('waveforms', 'labels', 'lengths', 'split', 'sample_rate'), 'waveform file')
+    where = f"waveform file {path}"
     for key in ('waveforms', 'labels'):
         if key not in arrays:
-            raise UserError(f"waveform file {path}: no {key!r} array (it has {sorted(found)})")
+            raise UserError(f"{where}: no {key!r} array (it has {sorted(found)})")
     waves, labels = arrays['waveforms'], arrays['labels']
-    if waves.ndim != 2 or len(labels) != len(waves):
-        raise UserError(f"waveform file {path}: expected waveforms (N, L) and labels (N,), got {waves.shape} and "
-                        f"{labels.shape}")
+    if waves.dtype.kind != 'f' and waves.dtype != np.int16:
+        raise UserError(f"{where}: 'waveforms' has dtype {waves.dtype}; expected float samples in [-1, 1] or int16")
+    if waves.ndim != 2 or labels.shape != waves.shape[:1]:
+        raise UserError(f"{where}: expected waveforms (N, L) and labels (N,), got {waves.shape} and {labels.shape}")
+    n, width = waves.shape
+    lengths = arrays.get('lengths', np.full(n, width))
+    if lengths.shape != (n,) or lengths.dtype.kind not in 'iu':
+        raise UserError(f"{where}: 'lengths' has shape {lengths.shape} and dtype {lengths.dtype}; expected ({n},) "
+                        f"integers, the valid samples of each row")
+    bad = (lengths < 0) | (lengths > width)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{where}: 'lengths'[{i}] = {int(lengths[i])} is outside 0..{width} (the row length of "
+                        f"'waveforms'); {int(bad.sum())} lengths are")
+    names = arrays.get('split', np.array([''] * n))
+    if names.shape != (n,):
+        raise UserError(f"{where}: 'split' has shape {names.shape}; expected ({n},), one split name per waveform")
+    rate = arrays.get('sample_rate', np.array(16000))
+    if rate.shape != () or rate.dtype.kind not in 'iuf' or not (rate > 0 and float(rate).is_integer()):
+        raise UserError(f"{where}: 'sample_rate' is {repr(rate.tolist())[:40]}; expected one positive integer (Hz)")
     scale = 1 / 32768 if waves.dtype == np.int16 else 1.0
-    lengths = arrays.get('lengths', np.full(len(waves), waves.shape[1]))
-    names = arrays.get('split', np.array([''] * len(waves)))
-    splits, left_out = {}, 0
-    for i in range(len(waves)):
+    splits, clip_names, left_out = {}, {}, 0
+    for i in range(n):
         raw = labels[i].decode() if isinstance(labels[i], bytes) else labels[i]
-        label = map_label(raw, label_map, f"waveform file {path}, 'labels'[{i}]")
+        label = map_label(raw, label_map, f"{where}, 'labels'[{i}]")
         if label is None:
             left_out += 1
             continue
         split = names[i].decode() if isinstance(names[i], bytes) else str(names[i]) or _hash_split(str(i))
         splits.setdefault(split, []).append((waves[i, :int(lengths[i])].astype(np.float32) * scale, label))
-    return splits, left_out, int(arrays.get('sample_rate', 16000))
+        clip_names.setdefault(split, []).append(f"{path} row {i}")
+    return splits, left_out, int(rate), clip_names
 
 
 # seed 001's recipe: the defaults train_audio.py and train_kd.py share, defined once here so they cannot drift
@@ -1123,9 +1309,14 @@ AUDIO_RECIPE = dict(label_map={'quiet': 0, 'breathe': 1, 'snore': 2}, batch_size
                     input_norm='train_stats', num_workers=4)
 
 
+AUDIO_CHECK_CLIPS = 64  # clips whose sha256 every reuse verifies, evenly spaced (all of a smaller cache): ~8 ms
+
+
 def _audio_cache_problem(h5_path, expected):
     """Why an audio feature cache cannot be used (None if it can): unreadable, incomplete, built from other
-    settings or other clips (`expected`: attributes that must match), or inconsistent shapes."""
+    settings or other clips (`expected`: attributes that must match), inconsistent shapes, non-finite mean/std,
+    labels failing their sha256, or one of AUDIO_CHECK_CLIPS evenly spaced clips failing the sha256 recorded when it
+    was written. Only those clips are read: damage confined to other clips of a larger cache is not seen here."""
     try:
         with h5py.File(h5_path, 'r') as f:
             if not f.attrs.get('complete', False):
@@ -1136,6 +1327,16 @@ def _audio_cache_problem(h5_path, expected):
             n, features, labels = int(f.attrs['n_samples']), f['features'], f['labels']
             if features.shape[0] != n or labels.shape != (n,):
                 return f"its shapes disagree: n_samples {n}, features {features.shape}, labels {labels.shape}"
+            if 'digests' not in f or f['digests'].shape != (n, 32):
+                return "it has no per-clip checksums (an older version wrote it)"
+            if not (np.isfinite(f.attrs['mean']) and np.isfinite(f.attrs['std'])):
+                return "its mean/std are not finite"
+            if _arrays_sha256(labels[()]) != f.attrs.get('labels_sha256'):
+                return "its labels fail their sha256 check (changed after it was written)"
+            digests = f['digests'][()]
+            for i in np.unique(np.linspace(0, n - 1, min(n, AUDIO_CHECK_CLIPS)).astype(np.int64)):
+                if hashlib.sha256(features[i]).digest() != digests[i].tobytes():  # one chunk read (fancy: 10x slower)
+                    return f"clip {i} fails its sha256 check (changed after it was written)"
     except (OSError, KeyError, ValueError, TypeError) as e:  # truncated or foreign file: h5py raises OSError
         return f"it cannot be read ({type(e).__name__})"
     return None
@@ -1147,12 +1348,14 @@ def _load_clip(source, array_rate, sample_rate):
     return waveform if rate == sample_rate else resample(waveform, rate, sample_rate)
 
 
-def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_size=128, log=print):
+def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_size=128, log=print, names=None):
     """Log-mel spectrograms of items [(WAV path or waveform, class id)] into h5_path: 'features' (N, n_mels, T)
-    float32 stored one sample per chunk, uncompressed (shuffled reads stay fast), 'labels' (N,), written in batches
-    to h5_path.tmp<pid>, closed, then renamed over h5_path: an interrupted build never leaves a readable partial
-    file and the previous cache stays until the new one is complete. Empty or non-finite clips are skipped and counted.
-    The attributes (n_samples, train mean/std, attrs) go last, 'complete' the very last."""
+    float32 stored one sample per chunk, uncompressed (shuffled reads stay fast), 'labels' (N,), 'digests' (N, 32)
+    uint8 (each clip's sha256, checked at reuse), written in batches to h5_path.tmp<pid>, closed, then renamed over
+    h5_path: an interrupted build never leaves a readable partial file and the previous cache stays until the new
+    one is complete. Empty clips and clips whose samples or log-mel features are not finite (a float WAV beyond
+    ~1e19 overflows the float32 power) are skipped, counted and named in the log (names[i] names item i, default
+    its path). The attributes (n_samples, train mean/std summed in float64, attrs) go last, 'complete' the very last."""
     missing = [s for s, _ in items if isinstance(s, str) and not os.path.isfile(s)]
     if missing:
         raise UserError(f"audio file {missing[0]}: no such file ({len(missing)} of {len(items)} clips missing)")
@@ -1167,16 +1370,21 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
         with replaced_when_done(h5_path, tmp), h5py.File(tmp, 'w') as f:
             out = f.create_dataset('features', (0, features['n_mels'], frames), 'f4', chunks=(1, features['n_mels'],
                                    frames), maxshape=(None, features['n_mels'], frames))
-            kept, skipped, total, total_sq, batch = [], 0, 0.0, 0.0, []
+            kept, skipped, digests, total, total_sq, batch = [], [], [], 0.0, 0.0, []
             for i, (source, label) in progress(enumerate(items), f"cache {h5_path}: clips", len(items), log=log,
                                                last=False):  # the line after the loop says how it went
                 waveform = _load_clip(source, array_rate, features['sample_rate'])
-                if len(waveform) == 0 or not np.isfinite(waveform).all():
-                    skipped += 1  # the upstream skips these too; counted and reported, never zero-filled
-                else:
+                why = 'empty' if len(waveform) == 0 else None if np.isfinite(waveform).all() else 'non-finite samples'
+                if why is None:
                     spec = log_mel_spectrogram(fit_clip(waveform, length), **mel_args)  # (n_mels, frames)
-                    total, total_sq = total + spec.sum(dtype=np.float64), total_sq + float(np.dot(spec.ravel(),
-                                                                                                 spec.ravel()))
+                    why = None if np.isfinite(spec).all() else 'non-finite log-mel'
+                if why:  # the upstream skips these too; counted and named, never zero-filled
+                    name = names[i] if names else source if isinstance(source, str) else f"item {i}"
+                    skipped.append(f"{name} ({why})")
+                else:
+                    cells = spec.ravel().astype(np.float64)  # float64 sums: float32 ones drift over 10^8 cells
+                    total, total_sq = total + cells.sum(), total_sq + cells @ cells
+                    digests.append(hashlib.sha256(spec).digest())
                     batch.append(spec)
                     kept.append(label)
                 if batch and (len(batch) == batch_size or i == len(items) - 1):  # one write per batch of clips
@@ -1184,38 +1392,42 @@ def build_audio_cache(h5_path, items, features, attrs, array_rate=None, batch_si
                     out.resize(len(kept), axis=0)
                     out[len(kept) - len(block):] = block
                     batch = []
+            first = f": {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}" if skipped else ''
             if not kept:
-                raise UserError(f"{h5_path}: none of the {len(items)} clips is usable (all empty or non-finite)")
+                raise UserError(f"{h5_path}: none of the {len(items)} clips is usable (all empty or non-finite){first}")
             count = len(kept) * features['n_mels'] * frames
             mean = total / count
-            f.create_dataset('labels', data=np.array(kept, dtype=np.int64))
-            f.attrs.update(n_samples=len(kept), skipped=skipped, mean=mean,
+            labels = np.array(kept, dtype=np.int64)
+            f.create_dataset('labels', data=labels)
+            f.create_dataset('digests', data=np.frombuffer(b''.join(digests), np.uint8).reshape(-1, 32))  # (N, 32)
+            f.attrs.update(n_samples=len(kept), skipped=len(skipped), mean=mean, labels_sha256=_arrays_sha256(labels),
                            std=math.sqrt(max(total_sq / count - mean * mean, 1e-12)), **attrs)
             f.attrs['complete'] = True  # last: a file without it was interrupted
     finally:
         torch.set_num_threads(threads)
     seconds = time.time() - t0
     log(f"cache {h5_path}: {len(kept):,} clips written in {seconds:.1f}s ({len(items) / max(seconds, 1e-9):,.0f} "
-        f"clips/s), {skipped} empty/non-finite clips skipped")
+        f"clips/s), {len(skipped)} empty/non-finite clips skipped{first}")
 
 
 def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root='', data='',
                         splits=('train', 'val', 'test'), skip_existing=True, log=print):
     """The HDF5 feature cache of each split of a manifest (+ WAVs) or a waveform array file: {split: path}, and
     the number of clips whose DreamCatcher class the label_map leaves out. A split's cache is reused only while
-    its attributes match the feature settings, the label map and the clips (paths, labels, file sizes or the
-    array bytes); otherwise (or with skip_existing=False) it is rebuilt. Each source and feature setting has its
-    own folder, so runs with other settings (a sweep over n_mels, say) neither rebuild nor read each other's."""
+    its attributes match the feature settings, the label map and the clips (paths, labels, file sizes and
+    modification times, or the array bytes) and its checksums verify; otherwise (or with skip_existing=False) it
+    is rebuilt, with one log line saying why. Each source and feature setting has its own folder, so runs with
+    other settings (a sweep over n_mels, say) neither rebuild nor read each other's."""
     ids = sorted(set(label_map.values()))
     if ids != list(range(len(ids))):
         raise UserError(f"label_map={label_map}: class ids must be 0..K-1, got {ids}")
     if bool(manifest) == bool(data):
         raise UserError("give exactly one audio source: --manifest=labels.csv (+ --audio_root) or --data=waves.npz")
-    source, array_rate = manifest or data, None
+    source, array_rate, names = manifest or data, None, {}
     if manifest:
         by_split, left_out = read_audio_manifest(manifest, label_map, audio_root)
     else:
-        by_split, left_out, array_rate = read_waveform_arrays(data, label_map)
+        by_split, left_out, array_rate, names = read_waveform_arrays(data, label_map)
     feature_hash = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
     source_hash = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, 'audio', f'{source_hash}-{feature_hash}')  # runs with other settings never meet
@@ -1224,9 +1436,12 @@ def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root=
         if split not in by_split:
             raise UserError(f"{source}: no clips in split {split!r} (it has {sorted(by_split)})")
         items, digest = by_split[split], hashlib.sha256()
-        for clip, label in items:  # what the clips are: path + size + label, or the samples themselves
-            digest.update(f"{clip}|{os.path.getsize(clip) if os.path.isfile(clip) else -1}|{label}\n".encode()
-                          if isinstance(clip, str) else clip.tobytes() + str(label).encode())
+        for clip, label in items:  # what the clips are: path, size, mtime (as make compares) and label, or samples
+            if isinstance(clip, str):
+                stat = os.stat(clip) if os.path.isfile(clip) else None
+                digest.update(f"{clip}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}|{label}\n".encode())
+            else:
+                digest.update(clip.tobytes() + str(label).encode())
         attrs = dict(feature_hash=feature_hash, features=json.dumps(features, sort_keys=True),
                      dataset_hash=digest.hexdigest()[:16], label_map=json.dumps(label_map, sort_keys=True),
                      source=os.path.abspath(source))
@@ -1238,7 +1453,7 @@ def prepare_audio_cache(cache_dir, features, label_map, manifest='', audio_root=
             log(f"cache {paths[split]}: up to date ({split}), reused")
             continue
         log(f"cache {paths[split]}: building {len(items):,} {split} clips ({problem or 'skip_existing=False'})")
-        build_audio_cache(paths[split], items, features, attrs, array_rate, log=log)
+        build_audio_cache(paths[split], items, features, attrs, array_rate, log=log, names=names.get(split))
     return paths, left_out
 
 
@@ -1320,30 +1535,30 @@ def sleep_sound(kind, rng, sample_rate=16000):
     return np.clip(x, -1, 1).astype(np.float32)
 
 
-def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000):
+def write_sleep_sounds(folder, n_clips=2000, seed=0, sample_rate=16000, log=print):
     """Write n_clips procedural sleep sounds (55/35/10 % quiet/breathe/snore, split 70/15/15 % train/val/test) as
     16-bit WAVs plus manifest.csv (path, label, split), and return the manifest's path. Deterministic in seed;
-    skipped when meta.json records the same recipe and the manifest's current hash."""
+    skipped when meta.json records the same recipe and the manifest and every WAV still have their sha256
+    (~60 ms for 2000 clips); otherwise written again, with one log line saying why."""
     recipe = dict(version=SLEEP_SOUNDS_VERSION, n_clips=n_clips, seed=seed, sample_rate=sample_rate)
     manifest, meta_path = os.path.join(folder, 'manifest.csv'), os.path.join(folder, 'meta.json')
-    try:  # reuse only if the manifest is still the one recorded
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta['recipe'] == recipe and file_sha256(manifest) == meta['sha256']:
-            return manifest
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    meta, problem = read_cache_meta(meta_path, recipe=recipe)
+    if meta:
+        return manifest
+    if problem:
+        log(f"built-in sleep sounds {folder}: written again: {problem}")
     rng = np.random.default_rng(seed)
     kinds = rng.choice(len(SLEEP_CLASSES), size=n_clips, p=SLEEP_SHARES)
     splits = rng.choice(['train', 'val', 'test'], size=n_clips, p=[0.7, 0.15, 0.15])
     os.makedirs(os.path.join(folder, 'wavs'), exist_ok=True)
-    rows = ['path,label,split']
+    rows, wavs = ['path,label,split'], []
     for i, (kind, split) in progress(enumerate(zip(kinds, splits)), f"built-in sleep sounds {folder}: WAVs", n_clips):
         name = f'wavs/{i:05d}_{SLEEP_CLASSES[kind]}.wav'
-        write_wav(os.path.join(folder, name), sleep_sound(SLEEP_CLASSES[kind], rng, sample_rate), sample_rate)
+        wavs.append(os.path.join(folder, name))
+        write_wav(wavs[-1], sleep_sound(SLEEP_CLASSES[kind], rng, sample_rate), sample_rate)
         rows.append(f'{name},{SLEEP_CLASSES[kind]},{split}')
     write_atomic(manifest, ('\n'.join(rows) + '\n').encode())
-    write_atomic(meta_path, json.dumps(dict(recipe=recipe, sha256=file_sha256(manifest))).encode())  # last
+    write_cache_meta(meta_path, [manifest] + wavs, recipe=recipe)  # last: marks done
     return manifest
 
 
@@ -1425,56 +1640,57 @@ def write_dsprites_npz(path, imgs, latents_classes):
                                   metadata=np.array(metadata, dtype=object)))
 
 
-def builtin_vae_data(kind, cache_dir, num_images, seed=0):
+def builtin_vae_data(kind, cache_dir, num_images, seed=0, log=print):
     """Write the built-in data once into cache_dir/vae/<kind>_<hash>.npz (keyed by the generator's settings) and
-    return its path: 'sprites' as a dSprites npz, 'grids' as a grid npz. A cache that no longer loads is rebuilt."""
+    return its path: 'sprites' as a dSprites npz, 'grids' as a grid npz. The .json beside it records the recipe and
+    the npz's sha256; a file that fails it is written again, with one log line saying why."""
     if kind not in ('sprites', 'grids'):
         raise UserError(f"dataset_kind={kind!r}: expected 'sprites' or 'grids'")
     recipe = dict(kind=kind, version=SPRITE_GENERATOR_VERSION, num_images=num_images, seed=seed)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, 'vae', f'{kind}_{key}.npz')
-    if os.path.exists(path):
-        try:
-            load_vae_data(path)
-            return path
-        except UserError:
-            pass  # truncated or foreign: write it again (the name is ours)
+    path, meta_path = (os.path.join(cache_dir, 'vae', f'{kind}_{key}.{ext}') for ext in ('npz', 'json'))
+    meta, problem = read_cache_meta(meta_path, recipe=recipe)
+    if meta:
+        return path
+    if problem:
+        log(f"built-in {kind} {path}: written again: {problem}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if kind == 'sprites':
         write_dsprites_npz(path, *make_sprites(num_images, seed))
     else:
         write_atomic(path, _npz_bytes(grids=make_color_grids(num_images or 10_000, seed)))
+    write_cache_meta(meta_path, [path], recipe=recipe)  # last: marks done
     return path
 
 
 def _read_arrays(path):
     """-> (images, factors or None, factor names or None) from an npz or HDF5 file, arrays as stored."""
-    arrays, found = read_array_file(path, IMAGE_KEYS + FACTOR_KEYS, 'data')
+    arrays, found = read_array_file(path, IMAGE_KEYS + FACTOR_KEYS + ('metadata',), 'data', pickled=('metadata',))
     names = [k for k in IMAGE_KEYS if k in arrays]
     if not names:
         kind = 'a dataset' if path.endswith(('.h5', '.hdf5')) else 'an array'
         raise UserError(f"{path}: no grid array; expected {kind} named one of {IMAGE_KEYS}, found {found}")
     factors = next((arrays[k] for k in FACTOR_KEYS if k in arrays), None)
+    metadata = arrays.get('metadata')  # dSprites': a 0-d object array holding a dict, pickled by Python 2
+    metadata = metadata[()] if isinstance(metadata, np.ndarray) and metadata.shape == () else None
     factor_names = None
-    if 'metadata' in found and not path.endswith(('.h5', '.hdf5')):  # dSprites' metadata dict was pickled by
-        with np.load(path, allow_pickle=True, encoding='latin1') as f:  # Python 2: latin1 decodes its byte strings
-            metadata = f['metadata'][()]
-        if isinstance(metadata, dict) and 'latents_names' in metadata:
-            factor_names = [n.decode() if isinstance(n, bytes) else str(n) for n in metadata['latents_names']]
+    if isinstance(metadata, dict) and 'latents_names' in metadata:
+        factor_names = [n.decode() if isinstance(n, bytes) else str(n) for n in metadata['latents_names']]
     return arrays[names[0]], factors, factor_names
 
 
 def load_vae_data(path, num_classes=0):
     """Read categorical images: a dSprites npz (imgs, latents_classes, metadata) or a grid npz/HDF5 (`grids` or
     `imgs` (N, H, W) integer class ids, optional `factors` (N, K) int). num_classes = 0: one more than the largest
-    id. Returns (images (N, H, W) uint8 or int64, factors (N, K) int64 or None, factor names, num_classes)."""
+    id, which must then be dense: the classes may not outnumber twice the distinct ids (more than half of them
+    unused). Returns (images (N, H, W) uint8 or int64, factors (N, K) int64 or None, factor names, num_classes)."""
     if not os.path.isfile(path):
         raise UserError(f"data {path}: no such file (expected an .npz or .h5 of (N, H, W) class ids)")
     try:
         images, factors, names = _read_arrays(path)
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zlib.error, zipfile.BadZipFile) as e:
         raise UserError(f"data {path}: cannot read it as .npz or HDF5 ({type(e).__name__}: {e})") from None
     if images.ndim != 3 or images.shape[0] == 0:
         raise UserError(f"data {path}: the grid array has shape {images.shape}; expected (N, H, W) with N >= 1")
@@ -1486,6 +1702,13 @@ def load_vae_data(path, num_classes=0):
     if num_classes and high >= num_classes:
         raise UserError(f"data {path}: class id {high} >= num_classes={num_classes}; expected ids in "
                         f"[0, {num_classes}) (raise num_classes, or 0 = from the data)")
+    if not num_classes and high >= 2:  # classes from the data: a stray id must not make thousands of empty ones
+        used = np.unique(images)  # ~40 ms for 10,000 30x30 grids (numpy counts small integer types)
+        if high + 1 > 2 * len(used):
+            shown = ', '.join(map(str, used[:8])) + (', ...' if len(used) > 8 else '')
+            raise UserError(f"data {path}: class ids must be dense (0..C-1) when num_classes=0, but only {len(used)} "
+                            f"distinct ids occur ({shown}), up to {high}: {high + 1:,} classes, most of them unused; "
+                            f"remap the ids to 0..{len(used) - 1}, or set num_classes={high + 1} to keep them")
     num_classes = num_classes or max(high + 1, 2)
     if factors is not None:
         if factors.ndim != 2 or factors.shape[0] != images.shape[0] or factors.dtype.kind not in 'iu':

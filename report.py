@@ -7,8 +7,13 @@ model.txt) and write a leaderboard and SVG figures beside them. Training emits f
 
 Runs are ranked by their validation metric (METRICS below, one per script); the test metric is reported beside
 it and never used to select or rank. A run that did not finish (no end event 'done', no scalars.csv, ...) is listed
-with status 'incomplete: why'; a file that exists but cannot be read (corrupt JSON or CSV) stops the report with
-one message naming it, before anything is written. Every file is written atomically.
+with status 'incomplete: why' ('incomplete: running (being written by ...)' while a process holds its lock); a
+finished run without a score is listed 'done, unscored: why' (its scalars.csv has no such column, or no finite
+value in it) and said in a warning line; a run that --overwrite=True moved aside (<out_dir>.replaced-<time>) is
+listed 'replaced' and never ranked. In scalars.csv an empty cell is no value, and so is inf or nan (a diverged
+evaluation): skipped in the figures and never the best score (a warning counts them); a cell that is not a number
+at all, like a file that exists but cannot be read (corrupt JSON or CSV), stops the report with one message naming
+the file, line and column, before anything is written. Every file is written atomically.
 """
 import csv
 import io
@@ -19,15 +24,27 @@ import re
 import statistics
 import sys
 
-from common import HASH_EXCLUDED_KEYS, UserError, configure, read_events, run_finished, write_atomic
+from common import (HASH_EXCLUDED_KEYS, UserError, configure, declared_keys, lock_holder, read_events, run_finished,
+                    write_atomic)
 
 # -----------------------------------------------------------------------------
-# default config (positional arguments that are folders are the folders to read)
+# default config (positional arguments are the folders to read; one that ends in .py is a config file)
 # -----------------------------------------------------------------------------
 select = ''  # only runs whose path under the folder contains this text ('' = every run)
-top = 10  # the curves figures draw the best `top` finished runs of each script (by the validation metric)
+top = 10  # the curves figures draw the best `top` finished runs of each script (by the validation metric); [1, inf)
 if __name__ == '__main__':
-    folders = [a for a in sys.argv[1:] if not a.startswith('--') and os.path.isdir(a)]
+    if '--help' in sys.argv or '-h' in sys.argv:  # configure's usage line names config files only, not FOLDER
+        print("usage: python report.py FOLDER [FOLDER ...] [config.py ...] [--select=text] [--top=N]\n"
+              "  FOLDER: a folder of run directories (what train_*.py and sweep.py write, e.g. out/)")
+        for key, comment in declared_keys(os.path.abspath(__file__)).items():
+            print(f"  --{key}={globals()[key]!r}".ljust(40) + f" # {comment}")
+        sys.exit(0)
+    folders = [a for a in sys.argv[1:] if not a.startswith('--') and (os.path.isdir(a) or not a.endswith('.py'))]
+    for folder in folders:  # else configure would read it as a config file and say that is not found
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder}: " + ("a file, not a folder" if os.path.exists(folder) else "no such folder")
+                            + "; report.py reads a folder of run directories (what train_*.py and sweep.py write, "
+                              "e.g. python report.py out/); nothing was written")
     config = configure(globals(), [a for a in sys.argv[1:] if a not in folders])
 # -----------------------------------------------------------------------------
 
@@ -65,22 +82,56 @@ def find_runs(folder):
     return sorted(found)
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def read_scalars(path):
-    """-> (header, rows as {column: float or None}); the first column is the x axis ('iter' or 'epoch')."""
-    with open(path, newline='') as f:
-        lines = list(csv.reader(f))
+    """-> (header, rows as {column: float or None}); the first column is the x axis ('iter' or 'epoch'), a finite
+    number on every row. An empty cell, inf and nan are None (no value: never plotted, never the best); a cell that
+    is not a number is a UserError naming the line and column."""
+    try:
+        with open(path, newline='') as f:
+            lines = list(csv.reader(f))
+    except (OSError, ValueError, csv.Error) as e:  # not UTF-8 (a ValueError), a folder, no permission
+        raise UserError(f"{path}: not readable as CSV ({e}) (nothing was written)") from None
     if not lines or len(lines[0]) < 2 or lines[0][0] not in ('iter', 'epoch'):
         raise UserError(f"{path}: expected a header starting with 'iter' or 'epoch' and at least two columns, got "
                         f"{lines[0] if lines else 'an empty file'} (nothing was written)")
-    header, rows = lines[0], []
+    header, rows, non_finite = lines[0], [], {}
     for n, values in enumerate(lines[1:], 2):
-        try:
-            if len(values) != len(header):
-                raise ValueError(f"{len(values)} values for {len(header)} columns")
-            rows.append({k: float(v) if v != '' else None for k, v in zip(header, values)})
-        except ValueError as e:
-            raise UserError(f"{path}, line {n}: {e} (nothing was written)") from None
+        if len(values) != len(header):
+            raise UserError(f"{path}, line {n}: {len(values)} values for {len(header)} columns (nothing was written)")
+        row = {}
+        for k, v in zip(header, values):
+            try:
+                row[k] = float(v) if v != '' else None
+            except ValueError:
+                raise UserError(f"{path}, line {n}: column {k!r} holds {v!r}, not a number (nothing was "
+                                f"written)") from None
+            if row[k] is not None and not math.isfinite(row[k]):
+                row[k], non_finite[k] = None, non_finite.get(k, 0) + 1
+        if row[header[0]] is None:  # the x axis of every curve and the run's step count
+            raise UserError(f"{path}, line {n}: column {header[0]!r} holds {values[0]!r}, expected the {header[0]} "
+                            f"number (nothing was written)")
+        rows.append(row)
+    if non_finite:
+        warn(f"{path}: skipped non-finite values (inf, nan): " + ', '.join(f"{k} {c}" for k, c in non_finite.items()))
     return header, rows
+
+
+def events_of(path):
+    """common.read_events; a line that is not a JSON object is an error naming the file and the line."""
+    try:
+        return read_events(path)
+    except UserError as e:
+        raise UserError(f"{e}; fix or move this run directory (nothing was written)") from None
+
+
+def number(value):
+    """A finite int or float from a JSON fact, else None (a string, null, nan, a bool)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
 
 
 def wall_time(events):
@@ -89,8 +140,11 @@ def wall_time(events):
     for e in events:
         if e.get('event') == 'start':
             total, segment = total + segment, 0.0
-        segment = max(segment, float(e.get('time_s', 0.0)))
+        segment = max(segment, float(number(e.get('time_s')) or 0.0))
     return round(total + segment, 1)
+
+
+REPLACED = re.compile(r'\.replaced-\d{8}-\d{6}(-[0-9a-f]{4})?$')  # how --overwrite=True names a run it moved aside
 
 
 def read_run(path, folder):
@@ -105,31 +159,42 @@ def read_run(path, folder):
                 facts = json.load(f)
             run.update(config=dict(facts['config']), config_hash=facts['config_hash'], git_commit=facts.get(
                 'git_commit') or '', script=os.path.basename(facts['argv'][0]))
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise UserError(f"{path}/config.json: not a run's config.json ({type(e).__name__}: {e}); fix or move "
                             f"this run directory (nothing was written)") from None
         run['seed'] = run['config'].get('seed', '')
     if 'events.jsonl' not in missing:
-        try:
-            run['events'] = read_events(path)
-        except UserError as e:
-            raise UserError(f"{e}; fix or move this run directory (nothing was written)") from None
+        run['events'] = events_of(path)
     if 'scalars.csv' not in missing:
         run['header'], run['rows'] = read_scalars(os.path.join(path, 'scalars.csv'))
     model_txt = os.path.join(path, 'model.txt')
     if os.path.exists(model_txt):
-        with open(model_txt) as f:
+        with open(model_txt, errors='replace') as f:
             match = re.search(r'^parameters: ([\d,]+)', f.read(), re.M)
         run['params'] = int(match[1].replace(',', '')) if match else ''
     val, test, better = METRICS.get(run['script'], DEFAULT_METRIC)
     run.update(val_metric=val, test_metric=test, better=better)
-    if missing:
+    holder = lock_holder(path)
+    values = [r[val] for r in run['rows'] if r.get(val) is not None]
+    if REPLACED.search(path):  # superseded by the run now in its out_dir: listed, never ranked
+        run['status'] = "replaced (moved aside by --overwrite=True)"
+    elif holder:
+        run['status'] = f"incomplete: running (being written by {holder})"
+    elif missing:
         run['status'] = f"incomplete: no {', '.join(missing)}"
     elif not run_finished(run['events']):
         run['status'] = "incomplete: no end event 'done' (running, stopped or failed)"
-    values = [r[val] for r in run['rows'] if r.get(val) is not None]
+    elif not values:  # finished, but nothing to rank it by: said, never a silently scoreless 'done'
+        why = (f"no {val} column in scalars.csv" if val not in run['header'] else
+               f"no finite {val} value in scalars.csv")
+        run['status'] = f"done, unscored: {why}"
+        warn(f"{path}: {why} (columns: {', '.join(run['header'])}); listed unscored")
     run['best_val'] = (max if better == 'max' else min)(values) if values else ''
-    run['test'] = run_finished(run['events']).get(test, '') if run['status'] == 'done' else ''
+    end = run_finished(run['events']) if run['status'].startswith('done') else None
+    test_value = number(end.get(test)) if end else None
+    if end and test in end and test_value is None:
+        warn(f"{path}/events.jsonl: the end event's {test} is {end[test]!r}, not a finite number; left empty")
+    run['test'] = '' if test_value is None else test_value
     run['steps'] = int(run['rows'][-1][run['header'][0]]) if run['rows'] else ''
     run['step_unit'] = run['header'][0] if run['header'] else ''
     run['wall_time_s'] = wall_time(run['events']) if run['events'] else ''

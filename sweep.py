@@ -2,9 +2,13 @@
 Run a campaign: a list of train_*.py runs (script, config file, overrides) over one or more seeds, one at a time,
 each as a subprocess of this same interpreter, or printed as sbatch lines. Restarted, it picks up where it was:
 a run whose out_dir holds a finished run (end event 'done') with the same config hash is skipped, one with a
-different hash is re-run from scratch, a half-finished one with the same hash is resumed from its last.pt.
+different hash is re-run from scratch (the script moves the old run aside to <out_dir>.replaced-<time>), a
+half-finished one with the same hash is resumed from its last.pt, one that another process is writing now (its lock)
+is left to it. A run directory whose facts cannot be read (a garbage line in events.jsonl, a config.json missing
+beside its checkpoints, a scalars.csv best_of cannot rank) stops the sweep, the plan too, with one message naming the
+file, before anything runs: the sweep never guesses that a run it cannot read may be replaced.
 
-    python sweep.py config/campaign_audio.py --dry_run=True      # the plan: skip / run / resume / rerun, and why
+    python sweep.py config/campaign_audio.py --dry_run=True      # the plan: skip / run / resume / rerun / wait, why
     python sweep.py config/campaign_audio.py                     # run it (again: only what is not done yet)
     python sweep.py config/campaign_audio.py --sbatch=True       # one sbatch line per run instead
     python sweep.py config/campaign_audio_quick.py --seeds="[1, 2, 3]"
@@ -22,14 +26,16 @@ A campaign config is plain Python setting the keys below; `runs` is a list of di
 Names in a campaign config that start with '_' are the config's own helpers, not keys.
 """
 import ast
+import csv
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
 
-from common import STOP, UserError, config_hash, configure, read_events, run_finished
+from common import STOP, UserError, config_hash, configure, lock_holder, read_events, run_finished
 
 # -----------------------------------------------------------------------------
 # default config (a campaign config file sets runs and seeds; the command line the rest)
@@ -37,7 +43,7 @@ from common import STOP, UserError, config_hash, configure, read_events, run_fin
 runs = []  # the campaign: a list of run dicts (name, script, config, overrides, after, best_of), in order
 seeds = [42]  # every run is made once per seed (seed loop inside the run loop: a phase ends before the next)
 out_root = 'out/campaign'  # run i, seed s writes to <out_root>/<name>/seed<s>; the campaign log is sweep.jsonl here
-dry_run = False  # print the plan (skip / run / resume / rerun / wait, and why) and run nothing
+dry_run = False  # print the plan (skip / run / resume / rerun / wait / running, and why) and run nothing
 sbatch = False  # print one sbatch line per run that is not done, instead of running them
 sbatch_args = '--gres=gpu:1 --requeue'  # extra sbatch options for every line
 stop_on_error = False  # stop the campaign at the first failed run (default: record it and go on)
@@ -48,6 +54,7 @@ if __name__ == '__main__':
 HERE = os.path.dirname(os.path.abspath(__file__))
 SET_BY_SWEEP = ('seed', 'out_dir', 'init_from', 'overwrite')  # every script must have these; the sweep sets them
 GATED_EXIT_CODE = 3  # a script that refuses to run on its gate (train_kd.py) exits 3: recorded 'gated', not failed
+LEFT_ALONE = {'skip': 'skipped', 'wait': 'blocked', 'running': 'running'}  # actions that start nothing -> status
 
 
 def script_path(script):
@@ -119,6 +126,8 @@ def check_campaign():
     """Every run's script, keys and values, before the first run starts: one clear message naming the run."""
     if not runs:
         raise UserError("the campaign has no runs: a campaign config sets runs = [dict(name=..., script=...), ...]")
+    if not seeds or not all(type(s) is int for s in seeds) or len(set(seeds)) < len(seeds):
+        raise UserError(f"seeds={seeds!r}: expected a list of distinct integers, e.g. seeds = [1, 2, 3]")
     names = set()
     for i, run in enumerate(runs):
         if not isinstance(run, dict) or not run.get('name') or not run.get('script'):
@@ -126,6 +135,18 @@ def check_campaign():
         unknown = set(run) - {'name', 'script', 'config', 'overrides', 'after', 'best_of'}
         if unknown:
             raise UserError(f"campaign run '{run['name']}': unknown field(s) {sorted(unknown)}")
+        # the shapes the code below relies on: a slip in the campaign file is one message, not a traceback
+        if not isinstance(run.get('overrides', {}), dict):
+            raise UserError(f"campaign run '{run['name']}': overrides={run['overrides']!r}: expected a dict")
+        if not isinstance(run.get('after', []), list):
+            raise UserError(f"campaign run '{run['name']}': after={run['after']!r}: expected a list of run names")
+        spec = run.get('best_of', {})
+        if not isinstance(spec, dict) or spec and not (
+                set(spec) <= {'runs', 'metric', 'mode', 'keys'} and isinstance(spec.get('runs'), list) and spec['runs']
+                and isinstance(spec.get('metric'), str) and spec.get('mode', 'max') in ('max', 'min')
+                and isinstance(spec.get('keys'), list)):
+            raise UserError(f"campaign run '{run['name']}': best_of={spec!r}: expected dict(runs=[names], "
+                            f"metric='val/...', mode='max' or 'min', keys=[config keys])")
         if run['name'] in names:
             raise UserError(f"campaign run '{run['name']}' is listed twice (names must be unique: they name out_dirs)")
         names.add(run['name'])
@@ -155,34 +176,100 @@ def check_campaign():
 # reading a run directory: the facts the scripts wrote (config.json, events.jsonl, scalars.csv)
 # -----------------------------------------------------------------------------
 
-def run_state(out_dir):
-    """-> (recorded config_hash or None, finished: bool (common.run_finished), has last.pt, why not readable or
-    None)."""
+RUN_FILES = ('last.pt', 'best.pt', 'events.jsonl', 'scalars.csv')  # what a run leaves beside its config.json
+MOVED_ASIDE = "--overwrite=True moves the old run aside to {}.replaced-<YYYYmmdd-HHMMSS>"
+
+
+def unreadable(what):
+    """The error for a fact the sweep cannot read ('file[, line N]: why'): it stops the sweep, since any guess about
+    such a run (rerun it?) could replace it."""
+    return UserError(f"{what}; fix the file, or move the run directory aside to run it afresh (nothing was run)")
+
+
+def read_config(out_dir):
+    """A run directory's config.json as a dict with 'config' and 'config_hash', or None when there is none."""
+    path = os.path.join(out_dir, 'config.json')
     try:
-        with open(os.path.join(out_dir, 'config.json')) as f:
-            recorded = json.load(f)['config_hash']
-        events = read_events(out_dir)
+        with open(path) as f:
+            facts = json.load(f)
     except FileNotFoundError:
-        return None, False, os.path.exists(os.path.join(out_dir, 'last.pt')), None
-    except (ValueError, KeyError, TypeError, UserError) as e:
-        return None, False, os.path.exists(os.path.join(out_dir, 'last.pt')), f"unreadable facts ({e})"
-    return recorded, run_finished(events) is not None, os.path.exists(os.path.join(out_dir, 'last.pt')), None
+        return None
+    except (OSError, ValueError) as e:  # not JSON, not UTF-8 (ValueError both), a folder, no permission
+        raise unreadable(f"{path}: not readable as JSON ({e})") from None
+    if not (isinstance(facts, dict) and isinstance(facts.get('config'), dict)
+            and isinstance(facts.get('config_hash'), str)):
+        raise unreadable(f"{path}: not a run's config.json (expected an object with 'config' and 'config_hash')")
+    return facts
+
+
+def events_of(out_dir):
+    """common.read_events; a line that is not a JSON object stops the sweep, naming the file and the line."""
+    try:
+        return read_events(out_dir)
+    except UserError as e:
+        raise unreadable(str(e)) from None
+    except OSError as e:  # events.jsonl is a folder, or unreadable
+        raise unreadable(f"{os.path.join(out_dir, 'events.jsonl')}: not readable ({e})") from None
+
+
+def run_state(out_dir):
+    """-> (recorded config_hash or None, finished: bool (common.run_finished), has last.pt). Facts that exist but
+    cannot be read, and run files without the config.json that says what they are, are a UserError naming the file."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: a file where the run directory goes; move it (nothing was run)")
+    facts, has_last = read_config(out_dir), os.path.exists(os.path.join(out_dir, 'last.pt'))
+    if facts is None:
+        held = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        if held:
+            raise unreadable(f"{os.path.join(out_dir, 'config.json')}: missing, but the folder holds "
+                             f"{', '.join(held)}: what they are is unknown (restore config.json)")
+        return None, False, False
+    return facts['config_hash'], run_finished(events_of(out_dir)) is not None, has_last
 
 
 def best_metric(out_dir, metric, mode):
-    """The best value of a validation column of a run's scalars.csv (None if it has none)."""
-    import csv
+    """The best finite value of a validation column of a finished run's scalars.csv (inf and nan never win).
+    A missing file or column, a cell that is not a number, or no finite value at all is a UserError: best_of
+    cannot rank the run."""
     path = os.path.join(out_dir, 'scalars.csv')
-    if not os.path.exists(path):
-        return None
-    with open(path, newline='') as f:
-        values = [float(row[metric]) for row in csv.DictReader(f) if row.get(metric) not in (None, '')]
-    return (max if mode == 'max' else min)(values) if values else None
+    try:
+        with open(path, newline='') as f:
+            lines = list(csv.reader(f))
+    except FileNotFoundError:
+        raise unreadable(f"{path}: missing, but the run finished: best_of ranks runs by it") from None
+    except (OSError, ValueError, csv.Error) as e:
+        raise unreadable(f"{path}: not readable ({e})") from None
+    header = lines[0] if lines else []
+    if metric not in header:
+        raise unreadable(f"{path}: no column {metric!r} (columns: {', '.join(header) or 'none'}): best_of cannot "
+                         f"rank this run by it")
+    column, values = header.index(metric), []
+    for n, row in enumerate(lines[1:], 2):
+        if len(row) != len(header):
+            raise unreadable(f"{path}, line {n}: {len(row)} values for {len(header)} columns")
+        try:
+            value = float(row[column]) if row[column] != '' else None
+        except ValueError:
+            raise unreadable(f"{path}, line {n}: column {metric!r} holds {row[column]!r}, not a number") from None
+        if value is not None and math.isfinite(value):  # a diverged evaluation (inf, nan) is no score
+            values.append(value)
+    if not values:
+        raise unreadable(f"{path}: no finite {metric} value: best_of cannot rank this run")
+    return (max if mode == 'max' else min)(values)
 
 
 # -----------------------------------------------------------------------------
-# the decision for one run: skip / run / resume / rerun / wait
+# the decision for one run: skip / run / resume / rerun / wait / running
 # -----------------------------------------------------------------------------
+
+def unfinished(run, seed):
+    """Why another run does not count as finished yet (None when it does): being written, or no end event 'done'."""
+    out_dir = out_dir_of(run, seed)
+    holder = lock_holder(out_dir)  # before reading: a run being written may hold a half-written line
+    if holder:
+        return f"waits for {run['name']} seed {seed}: being written by {holder}"
+    return None if run_state(out_dir)[1] else f"waits for {run['name']} seed {seed} to finish"
+
 
 def resolve_overrides(run, by_name):
     """run's overrides with best_of filled in, or (None, why) while the runs it chooses among are not all done."""
@@ -194,46 +281,51 @@ def resolve_overrides(run, by_name):
     for name in spec['runs']:
         values = []
         for seed in seeds:
-            out_dir = out_dir_of(by_name[name], seed)
-            recorded, finished, _, _ = run_state(out_dir)
-            value = best_metric(out_dir, spec['metric'], spec.get('mode', 'max')) if finished else None
-            if value is None:
-                return None, f"best_of waits for {name} seed {seed} to finish"
-            values.append(value)
+            why = unfinished(by_name[name], seed)
+            if why:
+                return None, f"best_of {why}"
+            values.append(best_metric(out_dir_of(by_name[name], seed), spec['metric'], spec.get('mode', 'max')))
         scores[name] = sum(values) / len(values)
     pick = (max if spec.get('mode', 'max') == 'max' else min)(scores, key=scores.get)
-    with open(os.path.join(out_dir_of(by_name[pick], seeds[0]), 'config.json')) as f:
-        chosen = json.load(f)['config']
+    picked = out_dir_of(by_name[pick], seeds[0])
+    chosen = read_config(picked)['config']
+    missing = [k for k in spec['keys'] if k not in chosen]
+    if missing:
+        raise unreadable(f"{os.path.join(picked, 'config.json')}: its config has no {missing}, which best_of copies")
     overrides.update({k: chosen[k] for k in spec['keys']})
     return overrides, f"best_of: {pick} (mean {spec['metric']} {scores[pick]:.4f})"
 
 
 def decide(run, seed, by_name):
-    """-> dict(action, reason, args, config_hash, out_dir); action in skip, run, resume, rerun, wait."""
+    """-> dict(action, reason, args, config_hash, out_dir); action in skip, run, resume, rerun, wait, running."""
     out_dir = out_dir_of(run, seed)
     plan = dict(name=run['name'], seed=seed, out_dir=out_dir, script=run['script'], args=None, config_hash=None)
+    holder = lock_holder(out_dir)  # first: another process (a sweep, a job) writes it now; never a second writer
+    if holder:
+        return dict(plan, action='running', reason=f"being written by {holder}")
     for other in run.get('after', []):
-        if not run_state(out_dir_of(by_name[other], seed))[1]:
-            return dict(plan, action='wait', reason=f"waits for {other} seed {seed} to finish")
+        why = unfinished(by_name[other], seed)
+        if why:
+            return dict(plan, action='wait', reason=why)
     overrides, note = resolve_overrides(run, by_name)
     if overrides is None:
         return dict(plan, action='wait', reason=note)
     wanted = config_hash(predict_config(run, seed, overrides))
     plan.update(args=script_args(run, seed, overrides), config_hash=wanted)
-    recorded, finished, has_last, broken = run_state(out_dir)
+    recorded, finished, has_last = run_state(out_dir)
     note = f" ({note})" if note else ""
-    if broken:
-        return dict(plan, action='rerun', reason=f"{broken}{note}")
     if recorded is None:
-        action, reason = ('rerun', "checkpoints but no config.json") if has_last else ('run', "no run yet")
-    elif recorded != wanted:
-        action, reason = 'rerun', f"config hash {recorded[:12]} differs from {wanted[:12]}"
+        action, reason = 'run', "no run yet"
+    elif recorded != wanted:  # the campaign changed: its decision, but the old run is kept, and the plan says where
+        action, reason = 'rerun', (f"config hash {recorded[:12]} differs from {wanted[:12]}: "
+                                   f"{MOVED_ASIDE.format(out_dir)}")
     elif finished:
         action, reason = 'skip', f"done with the same config hash {wanted[:12]}"
     elif has_last:
         action, reason = 'resume', "same config hash, not finished: continue from last.pt"
     else:
-        action, reason = 'rerun', "same config hash, not finished, no last.pt to resume from"
+        action, reason = 'rerun', (f"same config hash, not finished, no last.pt to resume from: "
+                                   f"{MOVED_ASIDE.format(out_dir)}")
     return dict(plan, action=action, reason=reason + note)
 
 
@@ -275,7 +367,7 @@ def record(entry):
 
 
 def sbatch_line(plan):
-    if plan['action'] in ('skip', 'wait'):
+    if plan['action'] in LEFT_ALONE:
         return f"# {plan['action']} {plan['name']} seed {plan['seed']}: {plan['reason']}"
     cmd = command(plan)
     if plan['action'] == 'run':  # requeue-safe: a requeued job continues its own last.pt
@@ -288,16 +380,20 @@ def sbatch_line(plan):
 # the campaign: check everything, then each run in order, seeds inside
 # -----------------------------------------------------------------------------
 
-def print_plan():
-    """--dry_run / --sbatch: each run's decision now; later phases show 'wait' until their inputs have finished."""
+def plan_all():
+    """Every run's decision now; later phases show 'wait' until their inputs have finished. Reading every run
+    directory first is what makes a fact the sweep cannot read stop it before anything runs (or is printed)."""
     by_name = {run['name']: run for run in runs}
-    for run in runs:
-        for seed in seeds:
-            plan = decide(run, seed, by_name)
-            if sbatch:
-                print(sbatch_line(plan))
-            else:
-                print(f"{plan['name']} seed {seed} | {plan['action']} | {plan['out_dir']} | {plan['reason']}")
+    return [decide(run, seed, by_name) for run in runs for seed in seeds]
+
+
+def print_plan():
+    """--dry_run / --sbatch: the plan, one line per run and seed."""
+    for plan in plan_all():
+        if sbatch:
+            print(sbatch_line(plan))
+        else:
+            print(f"{plan['name']} seed {plan['seed']} | {plan['action']} | {plan['out_dir']} | {plan['reason']}")
 
 
 def run_campaign():
@@ -310,8 +406,8 @@ def run_campaign():
         plan = decide(run, seed, by_name)
         print(f"sweep {i + 1}/{len(todo)} | {plan['name']} seed {seed} | {plan['action']} | {plan['reason']}",
               flush=True)
-        if plan['action'] in ('skip', 'wait'):
-            result = dict(status='skipped' if plan['action'] == 'skip' else 'blocked', returncode=None, seconds=0.0)
+        if plan['action'] in LEFT_ALONE:
+            result = dict(status=LEFT_ALONE[plan['action']], returncode=None, seconds=0.0)
         else:
             result = execute(plan)
         record(dict(name=plan['name'], seed=seed, out_dir=plan['out_dir'], action=plan['action'],
@@ -335,12 +431,15 @@ if __name__ == '__main__':
     if dry_run or sbatch:
         print_plan()
         sys.exit(0)
+    plan_all()  # every run directory read before the first run starts (each is decided again just before it runs)
     summary = run_campaign()
     counts = {}
     for _, result in summary:
         counts[result['status']] = counts.get(result['status'], 0) + 1
     print("sweep done | " + " | ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     for plan, result in summary:
-        if result['status'] in ('failed', 'interrupted', 'blocked'):
+        if result['status'] in ('failed', 'interrupted'):
             print(f"  {result['status']}: {plan['name']} seed {plan['seed']} ({plan['out_dir']}/sweep_log.txt)")
+        elif result['status'] in ('blocked', 'running'):  # it never started here: why
+            print(f"  {result['status']}: {plan['name']} seed {plan['seed']} ({plan['reason']})")
     sys.exit(130 if STOP.reason == 'interrupted' else 1 if counts.get('failed') else 0)

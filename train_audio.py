@@ -16,7 +16,7 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, fields, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks, save_checkpoint,
+                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks,
                     seed_everything, set_rng_state, start_from, step_line, stop_requested,
                     write_atomic)  # first: its stop signals cover the slow imports below
 import numpy as np
@@ -35,7 +35,7 @@ from model import audio_model, confusion_matrix, macro_f1, per_class_scores
 # -----------------------------------------------------------------------------
 out_dir = 'out/audio'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' (resume if out_dir/last.pt exists) | a .pt path
-overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+overwrite = False  # start anew in an out_dir that holds a run: the old one is moved to <out_dir>.replaced-<time>
 # data: exactly one of manifest / data, or neither for the built-in sounds
 manifest = ''  # CSV with a path column and a label column ('label', 'event_label' or 'class'), optional 'split'
 audio_root = ''  # folder the manifest's paths are relative to ('' = the manifest's folder)
@@ -133,7 +133,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts
-run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, device=device, dtype=dtype,
+run = RunDir(out_dir, config, ckpt, resume_path, changed, master=master, device=device, dtype=dtype,
              world_size=world_size, data={'manifest': manifest, 'data': data, 'caches': cache_paths})
 n_params = sum(p.numel() for p in raw_model.parameters())
 run.write_text('model.txt', f"{raw_model}\nparameters: {n_params:,}\n")
@@ -180,11 +180,11 @@ def checkpoint(names, metrics):
     rng = rng_states_all_ranks(ddp)
     if master:
         for name in names:
-            save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
-                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                            args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
-                            rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
-                            epoch_sums=sums, config_hash=run.config_hash)
+            run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch,
+                                model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                                args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
+                                rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
+                                epoch_sums=sums)
 
 
 # -----------------------------------------------------------------------------

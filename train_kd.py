@@ -23,7 +23,7 @@ import time
 
 from common import (Clock, RunDir, SCHEMA_VERSION, UserError, autocast_context, compile_model, configure, epoch_line,
                     fields, finish, init_distributed, load_checkpoint, load_optimizer_state, progress, read_events,
-                    rng_states_all_ranks, run_finished, save_checkpoint, seed_everything, set_rng_state, start_from,
+                    rng_states_all_ranks, run_finished, seed_everything, set_rng_state, start_from,
                     step_line, stop_requested, write_atomic)  # first: its stop signals cover the slow imports below
 import h5py
 import numpy as np
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, StackDataset
 
 from data import AUDIO_FEATURES, AUDIO_RECIPE, SpectrogramCache, WindowSampler, file_sha256, prepare_audio_cache, \
-    write_sleep_sounds
+    read_cache_meta, write_cache_meta, write_sleep_sounds
 from model import audio_model, confusion_matrix, kd_loss, macro_f1, per_class_scores
 
 # -----------------------------------------------------------------------------
@@ -42,7 +42,7 @@ from model import audio_model, confusion_matrix, kd_loss, macro_f1, per_class_sc
 # -----------------------------------------------------------------------------
 out_dir = 'out/kd'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' (resume if out_dir/last.pt exists) | a .pt path
-overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+overwrite = False  # start anew in an out_dir that holds a run: the old one is moved to <out_dir>.replaced-<time>
 # data: exactly one of manifest / data, or neither for the built-in sounds
 manifest = ''  # CSV with a path column and a label column ('label', 'event_label' or 'class'), optional 'split'
 audio_root = ''  # folder the manifest's paths are relative to ('' = the manifest's folder)
@@ -204,7 +204,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts
-run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, device=device, dtype=dtype,
+run = RunDir(out_dir, config, ckpt, resume_path, changed, master=master, device=device, dtype=dtype,
              world_size=world_size, data={'manifest': manifest, 'data': data, 'caches': cache_paths},
              teacher={'ckpt': teacher_ckpt, 'sha256': teacher_sha, 'model_args': teacher['model_args']})
 n_params = sum(p.numel() for p in raw_model.parameters())
@@ -230,19 +230,21 @@ if gate:
 def teacher_logits(split):
     """(N, num_classes) float32 logits of the teacher for a split's clips, in cache order: read from
     <feature cache>.teacher_<key>.npy, key = sha256 of the teacher file's sha256 and the feature cache's identity,
-    or computed once (eval mode, no_grad, the teacher's own input normalisation) and written atomically."""
+    or computed once (eval mode, no_grad, the teacher's own input normalisation) and written atomically. The .json
+    beside it records its sha256: a file that fails it is computed again (one log line says why), never trusted."""
     with h5py.File(cache_paths[split], 'r') as f:
         identity = {k: str(f.attrs[k]) for k in ('feature_hash', 'dataset_hash', 'label_map', 'n_samples', 'source')}
     key = hashlib.sha256(json.dumps(dict(identity, teacher=teacher_sha), sort_keys=True).encode()).hexdigest()[:16]
     path = f"{cache_paths[split].removesuffix('.h5')}.teacher_{key}.npy"
-    if os.path.exists(path):
-        try:
-            logits = np.load(path, allow_pickle=False)
-            if logits.shape == (len(splits[split]), num_classes) and logits.dtype == np.float32 and \
-                    np.isfinite(logits).all():
-                return logits, path, 'reused'
-        except (OSError, ValueError):
-            pass  # truncated or foreign: recomputed, never trusted
+    meta, problem = read_cache_meta(f"{path.removesuffix('.npy')}.json")
+    if meta:
+        logits = np.load(path, allow_pickle=False)  # the bytes written below: its sha256 says so
+        if logits.shape == (len(splits[split]), num_classes) and logits.dtype == np.float32 and \
+                np.isfinite(logits).all():
+            return logits, path, 'reused'
+        problem = f"it holds {logits.dtype} {logits.shape}, not finite float32 ({len(splits[split])}, {num_classes})"
+    if problem:
+        run.print(f"teacher logits {path}: computed again: {problem}")
     t_mean, t_std, chunks = teacher['input_stats']['mean'], teacher['input_stats']['std'], []
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the loader draws a seed: keep train_audio.py's stream
         for x, _ in progress(DataLoader(splits[split], batch_size=batch_size, **loader_args), f"teacher logits {path}: "
@@ -252,6 +254,7 @@ def teacher_logits(split):
     logits, buffer = torch.cat(chunks).numpy(), io.BytesIO()  # (N, num_classes)
     np.save(buffer, logits)
     write_atomic(path, buffer.getvalue())
+    write_cache_meta(f"{path.removesuffix('.npy')}.json", [path])  # last: marks the logits complete
     return logits, path, 'computed'
 
 
@@ -299,11 +302,11 @@ def checkpoint(names, metrics):
     rng = rng_states_all_ranks(ddp)
     if master:
         for name in names:
-            save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
-                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                            args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
-                            rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
-                            epoch_sums=sums, config_hash=run.config_hash)
+            run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch,
+                                model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                                args=config, model_args=model_args, input_stats={'mean': mean, 'std': std},
+                                rng_state=rng, metrics=metrics, best_metric=best_f1, since_best=since_best,
+                                epoch_sums=sums)
 
 
 # -----------------------------------------------------------------------------

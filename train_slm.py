@@ -16,7 +16,7 @@ import os
 import time
 
 from common import (Clock, MFU, RunDir, UserError, autocast_context, compile_model, configure, fields, finish,
-                    init_distributed, load_optimizer_state, rng_states_all_ranks, save_checkpoint, seed_everything,
+                    init_distributed, load_optimizer_state, rng_states_all_ranks, seed_everything,
                     set_rng_state, start_from, step_line,
                     stop_requested)  # first: its stop signals cover the slow imports below
 import numpy as np
@@ -33,7 +33,7 @@ from model import CharTransformer, TransformerConfig, lm_loss
 # -----------------------------------------------------------------------------
 out_dir = 'out/slm'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' (out_dir/last.pt) | 'auto' (resume if last.pt exists) | a .pt path
-overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+overwrite = False  # start anew in an out_dir that holds a run: the old one is moved to <out_dir>.replaced-<time>
 # data
 dataset = ''  # path to a UTF-8 text file; '' = the running Python's standard-library .py sources (~8 MB)
 cache_dir = 'cache'  # tokenized data is cached here, keyed by the source's sha256
@@ -130,7 +130,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts
-run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, hooks=hooks, device=device,
+run = RunDir(out_dir, config, ckpt, resume_path, changed, master=master, hooks=hooks, device=device,
              dtype=dtype, world_size=world_size, data={k: meta[k] for k in ('source', 'sha256', 'chars', 'unk_count')})
 run.write_text('model.txt', f"{raw_model}\nparameters: {raw_model.num_params(False):,} "
                             f"({raw_model.num_params():,} without position embeddings)\n")
@@ -141,6 +141,11 @@ if ckpt and ckpt['data_sha256'] != meta['sha256']:
     run.print(f"warning: the data changed since {resume_path} was saved; the batch order continues over the new text")
 run.print(f"data: {meta['source']} | {meta['chars']:,} chars | {meta['unk_count']:,} mapped to <UNK> | "
           f"{len(train_starts):,} train windows | sha256 {meta['sha256'][:12]}")
+if meta['unk_count'] > 0.5 * meta['chars']:  # not ASCII text (another script, binary, UTF-16): say it loudly
+    run.print(f"warning: {meta['unk_count'] / meta['chars']:.0%} of {meta['source']} maps to <UNK> (the tokenizer "
+              f"keeps printable ASCII, tab and newline; most common here: "
+              f"{', '.join(f'{c!r} {n:,}' for c, n in meta['unk_top'])}): the model will learn little else; "
+              f"is it the right file?")
 if sampler.batch_size < batch_size:
     run.print(f"data: {len(train_starts):,} train windows cannot fill batch_size={batch_size} on {world_size} "
               f"rank(s): batches of {sampler.batch_size}")
@@ -178,12 +183,12 @@ def checkpoint(names, metrics):
     rng = rng_states_all_ranks(ddp)
     if master:
         for name in names:
-            save_checkpoint(os.path.join(out_dir, name), iter_num=iter_num, epoch=sampler.epoch,
-                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                            args=config, model_args=model_args, tokenizer=tokenizer.to_dict(),
-                            sampler=sampler.state_dict(), hooks_state=hookset.state_dict(), rng_state=rng,
-                            metrics=metrics, best_metric=best_val_loss, config_hash=run.config_hash,
-                            data_sha256=meta['sha256'])
+            run.save_checkpoint(name, iter_num=iter_num, epoch=sampler.epoch,
+                                model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                                args=config, model_args=model_args, tokenizer=tokenizer.to_dict(),
+                                sampler=sampler.state_dict(), hooks_state=hookset.state_dict(), rng_state=rng,
+                                metrics=metrics, best_metric=best_val_loss,
+                                data_sha256=meta['sha256'])
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks, save_checkpoint,
+                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks,
                     seed_everything, set_rng_state, start_from, step_line, stop_requested,
                     write_atomic)  # first: its stop signals cover the slow imports below
 import h5py
@@ -35,7 +35,7 @@ from model import SPOTER
 # -----------------------------------------------------------------------------
 out_dir = 'out/spoter'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' | a checkpoint (e.g. 'best.pt', for eval_only)
-overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+overwrite = False  # start anew in an out_dir that holds a run: the old one is moved to <out_dir>.replaced-<time>
 eval_only = False  # evaluate the init_from checkpoint on test_csv, write predictions.csv, do not train
 dump_features = False  # with eval_only: also write each clip's 108-d decoder output and attention to HDF5
 # data
@@ -153,7 +153,7 @@ if ddp:
     model = DDP(model, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None)
 
 # run directory: rank 0 writes the facts (eval_only appends to the run it evaluates)
-run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, master=master, device=device, dtype=dtype,
+run = RunDir(out_dir, config, ckpt, resume_path, changed, master=master, device=device, dtype=dtype,
              world_size=world_size, data={k: v for k, v in (('train', train_csv), ('val', val_csv),
                                                            ('test', test_csv)) if v})
 run.write_text('model.txt', f"{raw_model}\nparameters: {sum(p.numel() for p in params):,}\n")
@@ -214,12 +214,12 @@ def checkpoint(names, metrics):
     rng = rng_states_all_ranks(ddp)
     if master:
         for name in names:
-            save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch,
-                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                            args=config, model_args=model_args, sampler=sampler.state_dict(),
-                            augment_generator=augment_generator.get_state(), rng_state=rng, metrics=metrics,
-                            best_metric=best_val_acc, epoch_sums=history, config_hash=run.config_hash,
-                            label_offset=label_offset)
+            run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch,
+                                model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                                args=config, model_args=model_args, sampler=sampler.state_dict(),
+                                augment_generator=augment_generator.get_state(), rng_state=rng, metrics=metrics,
+                                best_metric=best_val_acc, epoch_sums=history,
+                                label_offset=label_offset)
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, fields, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_state, save_checkpoint,
+                    init_distributed, load_checkpoint, load_optimizer_state, rng_state,
                     seed_everything, set_rng_state, start_from, step_line, stop_requested,
                     write_atomic)  # first: its stop signals cover the slow imports below
 import numpy as np
@@ -35,7 +35,7 @@ from model import (BetaVAE, TCDiscriminator, capacity_at, class_weights, discrim
 # -----------------------------------------------------------------------------
 out_dir = 'out/vae'  # run directory; fixed, so a requeued job finds its own checkpoint
 init_from = 'scratch'  # 'scratch' | 'resume' | 'auto' | a checkpoint (e.g. 'best.pt', for eval_only)
-overwrite = False  # allow init_from='scratch' into an out_dir that already holds checkpoints
+overwrite = False  # start anew in an out_dir that holds a run: the old one is moved to <out_dir>.replaced-<time>
 eval_only = False  # write the figures and metrics of the init_from checkpoint (val split, MIG), do not train
 # data
 data = ''  # .npz (dSprites 'imgs' or 'grids') or .h5 of (N, H, W) class ids; '' = built-in data of dataset_kind
@@ -150,7 +150,7 @@ figure_idx = np.sort(np.random.default_rng(seed + 1).choice(train_idx, min(10, l
 colours = palette(num_classes)
 
 # run directory (eval_only appends to the run it evaluates)
-run = RunDir(out_dir, config, resumed_from=resume_path, changed=changed, device=device, dtype=dtype, world_size=1,
+run = RunDir(out_dir, config, ckpt, resume_path, changed, device=device, dtype=dtype, world_size=1,
              data={'path': os.path.abspath(data_path), 'builtin': not data})
 n_params = sum(p.numel() for p in raw_model.parameters())
 run.write_text('model.txt', f"{raw_model}\nparameters: {n_params:,}\n")
@@ -273,12 +273,12 @@ def shown(metrics):
 
 def checkpoint(names, metrics):
     for name in names:
-        save_checkpoint(os.path.join(out_dir, name), epoch=epoch, step_in_epoch=step_in_epoch, iter_num=iter_num,
-                        model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                        args=config, model_args=model_args, rng_state=rng_state(), metrics=metrics,
-                        best_metric=best_val_loss, epoch_sums=history, config_hash=run.config_hash,
-                        discriminator_state_dict=discriminator.state_dict() if discriminator is not None else None,
-                        disc_optimizer_state_dict=disc_optimizer.state_dict() if discriminator is not None else None)
+        run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch, iter_num=iter_num,
+                            model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
+                            args=config, model_args=model_args, rng_state=rng_state(), metrics=metrics,
+                            best_metric=best_val_loss, epoch_sums=history,
+                            discriminator_state_dict=discriminator and discriminator.state_dict(),
+                            disc_optimizer_state_dict=discriminator and disc_optimizer.state_dict())
 
 
 # -----------------------------------------------------------------------------

@@ -77,10 +77,9 @@ def test_grouped_mean_and_std_over_seeds(runs, tmp_path):
     groups = {g['settings']: g for g in read_csv(runs / 'leaderboard_grouped.csv')}
     g = groups['lr=0.2 max_epochs=2']
     assert g['runs'] == '3' and g['seeds'] == '42 7 9' and g['rank'] == '1'
-    vals, tests = [0.8, 0.7, 0.75], [0.2, 0.4, 0.6]
-    assert float(g['val_mean']) == pytest.approx(statistics.fmean(vals))
+    assert float(g['val_mean']) == pytest.approx(statistics.fmean([0.8, 0.7, 0.75]))
     assert float(g['val_std']) == pytest.approx(0.05)  # sample std of 0.8, 0.7, 0.75
-    assert float(g['test_mean']) == pytest.approx(0.4) and float(g['test_std']) == pytest.approx(0.2)
+    assert float(g['test_mean']) == pytest.approx(0.4) and float(g['test_std']) == pytest.approx(0.2)  # 0.2 0.4 0.6
     assert groups['lr=0.2 max_epochs=1']['val_std'] == ''  # one seed: no std
     assert 'lr=0.3 max_epochs=1' not in groups  # the unfinished run is in no group
 

@@ -1,8 +1,11 @@
 """train_vae.py's data: the procedural sprites (factor grid, shapes, foreground share), the dSprites npz and grid
 npz/HDF5 loaders with their bad-input messages, padding, the built-in cache, and the PNG writer."""
+import io
 import math
 import os
+import pickle
 import struct
+import zipfile
 import zlib
 
 import h5py
@@ -55,6 +58,45 @@ def test_dsprites_npz_round_trip_and_grid_files(tmp_path):
     assert np.array_equal(got, grids) and factors.shape == (40, 2) and names is None and num_classes == 12
     np.savez(tmp_path / 'g.npz', grids=grids)
     assert load_vae_data(str(tmp_path / 'g.npz'))[3] == int(grids.max()) + 1
+
+
+class Python2Pickler(pickle._Pickler):
+    """What Python 2's numpy wrote into dSprites' metadata: strings as STRING opcodes (Python 2 str, decoded with
+    encoding='latin1' on load, array bytes included), numpy's helpers under numpy.core, protocol 2."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):  # not memoized: a str's encoded copy is short-lived
+        self.write((pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256 else
+                    pickle.BINSTRING + struct.pack('<i', len(obj))) + obj)
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode('latin1'))
+
+    def save_global(self, obj, name=None):
+        module = {'numpy._core.multiarray': 'numpy.core.multiarray'}.get(obj.__module__, obj.__module__)
+        self.write(pickle.GLOBAL + f'{module}\n{name or obj.__name__}\n'.encode())
+        self.memoize(obj)
+
+    dispatch[bytes], dispatch[str] = save_bytes, save_str
+
+
+def test_python2_dsprites_metadata_loads_through_the_restricted_unpickler(tmp_path):
+    """The real file's layout: a 0-d object array whose Python 2 pickle holds a dict of str, tuples and arrays."""
+    imgs, classes = make_sprites(10, seed=0)
+    metadata = dict(latents_names=('color', 'shape', 'scale', 'orientation', 'posX', 'posY'), version=1,
+                    latents_sizes=np.array(SPRITE_FACTOR_SIZES), title='dSprites dataset',
+                    latents_possible_values=dict(shape=np.array([1.0, 2.0, 3.0])))
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+    Python2Pickler(member, protocol=2).dump(np.array(metadata, dtype=object))
+    with zipfile.ZipFile(tmp_path / 'dsprites.npz', 'w') as z:
+        for name, array in (('imgs', imgs), ('latents_classes', classes)):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            z.writestr(f'{name}.npy', buffer.getvalue())
+        z.writestr('metadata.npy', member.getvalue())
+    images, factors, names, num_classes = load_vae_data(str(tmp_path / 'dsprites.npz'))
+    assert names == list(metadata['latents_names']) and np.array_equal(images, imgs) and num_classes == 2
 
 
 def test_color_grids_are_mostly_background():
