@@ -11,6 +11,7 @@ import datetime
 import difflib
 import errno
 import fcntl
+import fnmatch
 import functools
 import hashlib
 import io
@@ -48,7 +49,8 @@ class StopSignal:
     finishes its step, saves last.pt, writes the end event and exits. A second Ctrl-C aborts at once."""
 
     def __init__(self):
-        self.reason, self.armed = None, False
+        self.reason, self.armed, self.signals = None, False, []  # signals: the names of those received once armed
+        self.importing = True  # while this module loads numpy and torch (below)
         for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
             if sig is not None:
                 signal.signal(sig, self._handle)
@@ -56,12 +58,20 @@ class StopSignal:
     def _handle(self, signum, frame):
         ctrl_c = signum == signal.SIGINT
         if not self.armed or (ctrl_c and self.reason == 'interrupted'):
+            job = os.environ.get('SLURM_JOB_ID') if signum == getattr(signal, 'SIGUSR1', None) else None
+            code = 0 if job else 130 if ctrl_c else 128 + signum
+            if self.importing:  # an exception unwinding through torch's C++ import code aborts the process (core)
+                print("interrupted (Ctrl-C)" if ctrl_c else f"stopped by {signal.Signals(signum).name}", "before a "
+                      "run directory was written (loading torch): nothing to save" + (f"; {requeue_job(job)}" if job
+                                                                                     else ''), file=sys.stderr)
+                os._exit(code)  # nothing is open or written yet
             if ctrl_c:
                 raise KeyboardInterrupt  # the excepthook below turns it into one line and exit code 130
-            print(f"stopped by {signal.Signals(signum).name} before a run directory was written: nothing to save",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+            print(f"stopped by {signal.Signals(signum).name} before a run directory was written: nothing to save"
+                  + (f"; {requeue_job(job)}" if job else ''), file=sys.stderr, flush=True)
+            raise SystemExit(code)
         self.reason = 'interrupted' if ctrl_c else self.reason or 'signal'
+        self.signals.append(signal.Signals(signum).name)
 
 
 def _excepthook(kind, value, tb, _default=sys.excepthook):
@@ -93,6 +103,8 @@ STOP = StopSignal()
 import numpy as np  # noqa: E402  (after the stop signals, see above)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+STOP.importing = False
 
 SCHEMA_VERSION = 1
 # keys that only say where/how often to write; they never change a result, so they stay out of config_hash
@@ -604,8 +616,8 @@ class RunDir:
 
     def _move_aside(self):
         """overwrite=True: the old run's files go to a sibling folder named by the time, never deleted."""
-        old = sorted(n for n in os.listdir(self.out_dir) if n not in KEPT_IN_PLACE) if os.path.isdir(self.out_dir) \
-            else []
+        old = sorted(n for n in os.listdir(self.out_dir) if not any(fnmatch.fnmatch(n, k) for k in KEPT_IN_PLACE)) \
+            if os.path.isdir(self.out_dir) else []
         if not old:
             return None
         aside = f"{self.out_dir.rstrip(os.sep)}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -689,8 +701,11 @@ class RunDir:
     def end(self, reason, where, summary=None, **facts):
         """The end event (reason and facts) and the run's last line: what a finished run reached and where its files
         are, or for a stopped one ('interrupted', 'signal') the one command that continues it."""
-        self.event('end', reason=reason, **facts)
-        if reason in ('interrupted', 'signal'):
+        job = os.environ.get('SLURM_JOB_ID') if reason == 'signal' and 'SIGUSR1' in STOP.signals else None
+        self.event('end', reason=reason, **facts, **({'requeue': job} if job else {}))
+        if job:  # SLURM's warning before a time limit or pre-emption: this job goes back to the queue
+            self.print(f"stopped (SIGUSR1) at {where} | saved {self.out_dir}/last.pt | " + requeue_job(job))
+        elif reason in ('interrupted', 'signal'):
             torchrun = int(os.environ.get('WORLD_SIZE', 1)) > 1
             self.print(f"stopped ({'Ctrl-C' if reason == 'interrupted' else 'signal'}) at {where} | saved "
                        f"{self.out_dir}/last.pt | continue: {'torchrun ...' if torchrun else 'python'} {sys.argv[0]} "
@@ -701,8 +716,23 @@ class RunDir:
                        f"took {hms(time.time() - self.start)} | {self.out_dir}: {' '.join(saved) or 'no checkpoints'}")
 
 
+def requeue_job(job):
+    """`scontrol requeue` this SLURM job, as PyTorch Lightning's auto-requeue does: SLURM sends the warning signal
+    that the job asked for (sbatch --signal=B:USR1@90) before its time limit, and requeues nothing by itself. The
+    requeued job runs the same command again, which continues from last.pt if it says --init_from=auto."""
+    try:
+        out = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            return f"requeued SLURM job {job}: it continues from last.pt when it starts again (--init_from=auto)"
+        why = (out.stderr or out.stdout).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    return f"could not requeue SLURM job {job} ({why}); continue: sbatch the same command again (--init_from=auto)"
+
+
 LOCK_FILE = '.lock'  # in every run directory while a process writes it: "pid N on host since time"
-KEPT_IN_PLACE = (LOCK_FILE, 'sweep_log.txt')  # overwrite moves the rest: sweep.py's log of every attempt stays
+KEPT_IN_PLACE = (LOCK_FILE, 'sweep_log.txt', 'slurm-*.out')  # overwrite moves the rest: sweep.py's log of every
+# attempt and a SLURM job's own (open) output stay
 
 
 def lock_run_dir(out_dir):

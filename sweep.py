@@ -1,8 +1,8 @@
 """
 Run a campaign: a list of train_*.py runs (script, config file, overrides) over one or more seeds, one at a time,
-each as a subprocess of this same interpreter, or printed as sbatch lines. Restarted, it picks up where it was:
-a run whose out_dir holds a finished run (end event 'done') with the same config hash is skipped, one with a
-different hash is re-run from scratch (the script moves the old run aside to <out_dir>.replaced-<time>), a
+each as a subprocess of this same interpreter, or submitted to SLURM as one job per run and seed. Restarted, it picks
+up where it was: a run whose out_dir holds a finished run (end event 'done') with the same config hash is skipped, one
+with a different hash is re-run from scratch (the script moves the old run aside to <out_dir>.replaced-<time>), a
 half-finished one with the same hash is resumed from its last.pt, one that another process is writing now (its lock)
 is left to it. A run directory whose facts cannot be read (a garbage line in events.jsonl, a config.json missing
 beside its checkpoints, a scalars.csv best_of cannot rank) stops the sweep, the plan too, with one message naming the
@@ -10,8 +10,21 @@ file, before anything runs: the sweep never guesses that a run it cannot read ma
 
     python sweep.py config/campaign_audio.py --dry_run=True      # the plan: skip / run / resume / rerun / wait, why
     python sweep.py config/campaign_audio.py                     # run it (again: only what is not done yet)
-    python sweep.py config/campaign_audio.py --sbatch=True       # one sbatch line per run instead
+    python sweep.py config/campaign_audio.py --status=True       # one line per run and seed: done, failed, ...
     python sweep.py config/campaign_audio_quick.py --seeds="[1, 2, 3]"
+    python sweep.py config/campaign_audio.py --submit=slurm --dry_run=True   # the sbatch commands, submits nothing
+    python sweep.py config/campaign_audio.py --submit=slurm --sbatch_args='--partition=gpu --gres=gpu:1 --time=4:00:00'
+    python sweep.py config/campaign_audio.py --submit=slurm --status=True    # ... with each run's job and its state
+
+With --submit=slurm every run and seed that is not done becomes one sbatch job (its id recorded in sweep.jsonl);
+`after` and `best_of` become --dependency=afterok on the jobs of those runs (after: the same seed; best_of: every
+seed), dropped for runs that are done already. A job's body is this sweep for just that run and seed
+(`exec python sweep.py CAMPAIGN [the same keys] --submit=local --only=<name>:<seed>`), so the skip / run / resume /
+rerun decision, best_of and the KD gate are taken when the job starts, by the same code as here. The job asks for
+SIGUSR1 warning_seconds before its time limit (--signal=B:USR1@N --requeue); the sweep passes it on to the run,
+which saves last.pt and requeues the job; started again, the job's sweep resumes the run. Submitted again, the
+campaign submits nothing for runs that are done or whose job is still queued or running (squeue, scontrol); runs
+whose job ended without finishing them are submitted again only with --resubmit_failed=True.
 
 A campaign config is plain Python setting the keys below; `runs` is a list of dicts:
     name      the run's name; its out_dir is <out_root>/<name>/seed<seed>
@@ -23,6 +36,7 @@ A campaign config is plain Python setting the keys below; `runs` is a list of di
     best_of   dict(runs=[names], metric='val/macro_f1', mode='max', keys=[...]) (optional): just before the run
               starts, copy `keys` from the config of the best of those runs, by the mean over seeds of each one's
               best validation metric in its scalars.csv (validation only: test never selects anything)
+    sbatch    sbatch options of this run's job, after sbatch_args, e.g. '--time=30' (optional; submit='slurm')
 Names in a campaign config that start with '_' are the config's own helpers, not keys.
 """
 import ast
@@ -31,6 +45,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -40,12 +55,16 @@ from common import STOP, UserError, config_hash, configure, lock_holder, read_ev
 # -----------------------------------------------------------------------------
 # default config (a campaign config file sets runs and seeds; the command line the rest)
 # -----------------------------------------------------------------------------
-runs = []  # the campaign: a list of run dicts (name, script, config, overrides, after, best_of), in order
+runs = []  # the campaign: a list of run dicts (name, script, config, overrides, after, best_of, sbatch), in order
 seeds = [42]  # every run is made once per seed (seed loop inside the run loop: a phase ends before the next)
 out_root = 'out/campaign'  # run i, seed s writes to <out_root>/<name>/seed<s>; the campaign log is sweep.jsonl here
-dry_run = False  # print the plan (skip / run / resume / rerun / wait / running, and why) and run nothing
-sbatch = False  # print one sbatch line per run that is not done, instead of running them
-sbatch_args = '--gres=gpu:1 --requeue'  # extra sbatch options for every line
+submit = 'local'  # 'local' (run here, one at a time) | 'slurm' (one sbatch job per run and seed, then return)
+dry_run = False  # print the plan (local: skip / run / resume / ..., and why; slurm: the sbatch commands), do nothing
+status = False  # print where each run and seed stands (done / running / queued / failed / ...) and do nothing else
+only = ''  # '<name>:<seed>': just this run and seed, here (the body of each SLURM job); '' = every run and seed
+sbatch_args = '--gres=gpu:1'  # sbatch options of every job, e.g. '--partition=gpu --gres=gpu:1 --time=4:00:00'
+warning_seconds = 120  # SIGUSR1 this long before a job's time limit: its run saves and requeues the job; [1, 65535]
+resubmit_failed = False  # submit='slurm': also submit again the runs whose job ended without finishing them
 stop_on_error = False  # stop the campaign at the first failed run (default: record it and go on)
 if __name__ == '__main__':
     config = configure(globals())
@@ -132,9 +151,10 @@ def check_campaign():
     for i, run in enumerate(runs):
         if not isinstance(run, dict) or not run.get('name') or not run.get('script'):
             raise UserError(f"campaign run #{i}: expected a dict with 'name' and 'script', got {run!r}")
-        unknown = set(run) - {'name', 'script', 'config', 'overrides', 'after', 'best_of'}
+        unknown = set(run) - {'name', 'script', 'config', 'overrides', 'after', 'best_of', 'sbatch'}
         if unknown:
             raise UserError(f"campaign run '{run['name']}': unknown field(s) {sorted(unknown)}")
+        sbatch_options(run)
         # the shapes the code below relies on: a slip in the campaign file is one message, not a traceback
         if not isinstance(run.get('overrides', {}), dict):
             raise UserError(f"campaign run '{run['name']}': overrides={run['overrides']!r}: expected a dict")
@@ -170,6 +190,30 @@ def check_campaign():
                             f"of {run['script']} (see python {run['script']} --help)")
         for seed in seeds:
             predict_config(run, seed, run.get('overrides', {}))
+    if only and not pairs():
+        raise UserError(f"only={only!r}: no such run and seed in the campaign (expected '<name>:<seed>', e.g. "
+                        f"'{runs[0]['name']}:{seeds[0]}')")
+    if only and submit == 'slurm' and not status:
+        raise UserError(f"only={only!r} runs one run here (the body of a job); submit='slurm' submits the campaign")
+
+
+def sbatch_options(run):
+    """sbatch_args, then the run's own sbatch options, as a list (split as a shell would)."""
+    options = run.get('sbatch', '')
+    if not isinstance(options, str):
+        raise UserError(f"campaign run '{run['name']}': sbatch={options!r}: expected a string of sbatch options, "
+                        f"e.g. '--time=30'")
+    try:
+        return shlex.split(sbatch_args) + shlex.split(options)
+    except ValueError as e:  # an unclosed quote
+        raise UserError(f"campaign run '{run['name']}': sbatch_args={sbatch_args!r}, sbatch={options!r}: {e}") \
+            from None
+
+
+def pairs():
+    """The (run, seed) pairs this sweep is about, in campaign order (seeds inside runs): all, or the one `only`
+    names."""
+    return [(run, seed) for run in runs for seed in seeds if not only or only == f"{run['name']}:{seed}"]
 
 
 # -----------------------------------------------------------------------------
@@ -335,45 +379,246 @@ def command(plan, interpreter=sys.executable):
     return [interpreter, script_path(plan['script']), *plan['args'], *init]
 
 
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # scancel; SLURM's warning before a time limit (--signal=B:USR1@N)
+
+
 def execute(plan):
     """Run one planned run as a subprocess; its output goes to the terminal and to out_dir/sweep_log.txt. A Ctrl-C
-    reaches the run too (one process group): the sweep waits while it saves, then stops (a second Ctrl-C aborts)."""
+    reaches the run too (one process group): the sweep waits while it saves, then stops (a second Ctrl-C aborts).
+    SIGTERM and SIGUSR1 sent to the sweep alone are passed on to the run, and stop the sweep after it: under SLURM
+    the sweep is the job's batch shell (exec), the one process SLURM's warning signal reaches. Ctrl-C is not passed
+    on: the run has it already, and a second one would abort it."""
     os.makedirs(plan['out_dir'], exist_ok=True)
     cmd = command(plan)
-    t0, STOP.armed = time.time(), True
-    with open(os.path.join(plan['out_dir'], 'sweep_log.txt'), 'a') as log:
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} | {plan['action']} | {shlex.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-        code = proc.wait()
+    t0, STOP.armed, proc, pending = time.time(), True, None, []
+    seen = {e.get('run_id') for e in events_of(plan['out_dir'])}  # this attempt's events have a new run_id
+
+    def forward(signum, frame):
+        previous[signum](signum, frame)  # common.STOP, armed: the sweep stops after this run
+        if proc:
+            proc.send_signal(signum)
+        else:  # the run is being started: it gets the signal as soon as it is
+            pending.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        with open(os.path.join(plan['out_dir'], 'sweep_log.txt'), 'a') as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} | {plan['action']} | {shlex.join(cmd)}\n")
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for signum in pending:
+                proc.send_signal(signum)
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     finished = run_state(plan['out_dir'])[:2] == (plan['config_hash'], True)
     STOP.armed = False
+    # saved and stopped (a signal, Ctrl-C): resumable, also when the scheduler's kill after a requeue was faster
+    saved = any(e.get('event') == 'end' and e.get('reason') in ('signal', 'interrupted') and e.get('run_id') not in
+                seen for e in events_of(plan['out_dir']))
     if code == GATED_EXIT_CODE:
         status = 'gated'
     elif code == 0 and finished:
         status = 'done'
     else:
-        status = 'interrupted' if code in (0, 130) else 'failed'  # saved and stopped (a signal, Ctrl-C): resumable
+        status = 'interrupted' if code in (0, 130) or saved else 'failed'
     return dict(status=status, returncode=code, seconds=round(time.time() - t0, 1))
 
 
 def record(entry):
-    """Append one line to <out_root>/sweep.jsonl: the campaign's own history of what it ran and how it ended."""
+    """Append one line to <out_root>/sweep.jsonl: the campaign's own history of what it ran or submitted and how it
+    ended. One short write, so the lines of jobs that end at the same time never mix."""
     os.makedirs(out_root, exist_ok=True)
     with open(os.path.join(out_root, 'sweep.jsonl'), 'a') as f:
         f.write(json.dumps(dict(time=time.strftime('%Y-%m-%d %H:%M:%S'), **entry)) + '\n')
 
 
-def sbatch_line(plan):
-    if plan['action'] in LEFT_ALONE:
-        return f"# {plan['action']} {plan['name']} seed {plan['seed']}: {plan['reason']}"
-    cmd = command(plan)
-    if plan['action'] == 'run':  # requeue-safe: a requeued job continues its own last.pt
-        cmd[-1] = '--init_from=auto'
-    return (f"sbatch --job-name={plan['name']}-s{plan['seed']} --output={plan['out_dir']}/slurm-%j.out "
-            f"{sbatch_args} --wrap {shlex.quote(shlex.join(cmd))}")
+def read_history():
+    """What sweep.jsonl says of each run and seed: {(name, seed): (its latest job's id or None, how its latest attempt
+    since that job ended: a status, or None)}. A submission line holds a job; an attempt line, an action that starts
+    the run. A line that is not a JSON object stops the sweep, naming it."""
+    path, history = os.path.join(out_root, 'sweep.jsonl'), {}
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return history
+    except OSError as e:
+        raise UserError(f"{path}: not readable ({e}); nothing was run") from None
+    for n, raw in enumerate(lines, 1):
+        try:
+            entry = json.loads(raw) if raw.strip() else {}
+            if not isinstance(entry, dict):
+                raise ValueError(f"a JSON {type(entry).__name__}")
+        except ValueError as e:  # UnicodeDecodeError is one too
+            raise UserError(f"{path}, line {n}: not a JSON object ({e}); fix or delete the line (nothing was run)") \
+                from None
+        key = (entry.get('name'), entry.get('seed'))
+        if 'job' in entry:
+            history[key] = (entry['job'], None)
+        elif entry.get('action') in ('run', 'resume', 'rerun'):
+            history[key] = (history.get(key, (None, None))[0], entry.get('status'))
+    return history
+
+
+# -----------------------------------------------------------------------------
+# SLURM: one job per run and seed, after the jobs of the runs it depends on; where each run and seed stands
+# -----------------------------------------------------------------------------
+
+QUEUED = ('PENDING', 'REQUEUED', 'REQUEUE_HOLD', 'REQUEUE_FED', 'RESV_DEL_HOLD')  # job states: waiting to (re)start
+LIVE = QUEUED + ('RUNNING', 'CONFIGURING', 'COMPLETING', 'SUSPENDED', 'RESIZING', 'SIGNALING', 'STAGE_OUT', 'STOPPED')
+NEVER_STARTS = 'DependencyNeverSatisfied'  # SLURM's reason for a job after one that ended with an exit code not 0
+ENDED = ('failed', 'gated', 'stopped', 'blocked')  # standing(): a job that ended, or never starts, short of 'done'
+# what a command does and how it submits, not what the campaign is: a job's command leaves them out (and sets its own)
+MODE_KEYS = ('submit', 'dry_run', 'status', 'only', 'resubmit_failed', 'sbatch_args', 'warning_seconds')
+
+
+def slurm(*cmd):
+    """Run a SLURM command -> (exit code, stdout, stderr); one clear error where SLURM is not installed here."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise UserError(f"{cmd[0]} not found: SLURM jobs need its sbatch, squeue and scontrol on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{cmd[0]} gave no answer in 120 s: is slurmctld up? (nothing more was submitted)") from None
+    return out.returncode, out.stdout, out.stderr.strip()
+
+
+def job_states(ids):
+    """{job id: dict(id, state, reason, exit_code)} of the jobs sweep.jsonl records: squeue lists the queued and
+    running ones, `scontrol show job` those that ended (slurmctld keeps them MinJobAge, 300 s by default); a job
+    neither knows is 'UNKNOWN'. Any other answer (slurmctld down) stops the sweep: a live job taken for an ended one
+    would be submitted twice."""
+    ids, jobs = list(dict.fromkeys(ids)), {}
+    if ids:
+        code, out, err = slurm('squeue', '-h', '-j', ','.join(ids), '-o', '%i %T %r')
+        if code and 'Invalid job id' not in err:
+            raise UserError(f"squeue: {err} (nothing was submitted)")
+        for line in out.splitlines():
+            job, state, reason = line.split(' ', 2)
+            jobs[job] = dict(id=job, state=state, reason=reason, exit_code=None)
+    for job in ids:
+        if job not in jobs:
+            code, out, err = slurm('scontrol', 'show', 'job', job)
+            if code and 'Invalid job id' not in err:
+                raise UserError(f"scontrol show job {job}: {err} (nothing was submitted)")
+            fields = dict(word.split('=', 1) for word in out.split() if '=' in word)
+            jobs[job] = dict(id=job, state=fields.get('JobState', 'UNKNOWN'), reason=fields.get('Reason', ''),
+                             exit_code=fields.get('ExitCode'))
+    return jobs
+
+
+def standing(plan, job, attempt):
+    """Where one run and seed stands -> (word, detail); word: done, running, queued, blocked (its job never starts),
+    failed, gated, stopped (saved on a signal, resumable) or not started. The run directory first (decide()'s plan:
+    facts and lock), then its latest job (None, or a job_states() dict), then how its latest attempt since that job
+    ended (a sweep.jsonl status, or None)."""
+    if plan['action'] in ('skip', 'running'):
+        return ('done' if plan['action'] == 'skip' else 'running'), plan['reason']
+    waits = f": {plan['reason']}" if plan['action'] == 'wait' else ''
+    if job and job['reason'] == NEVER_STARTS:
+        return 'blocked', f"job {job['state']} ({NEVER_STARTS}): a run it waits for ended without finishing"
+    if job and job['state'] in LIVE:
+        return ('queued' if job['state'] in QUEUED else 'running'), f"job {job['state']} ({job['reason']}){waits}"
+    ended = job is not None and job['state'] != 'COMPLETED'  # a job exits 0 only when its run is done
+    if ended or attempt in ('failed', 'gated', 'interrupted'):
+        gated = attempt == 'gated' or ended and job['exit_code'] == f'{GATED_EXIT_CODE}:0'
+        how = (f"job {job['state']}" + (f" (exit {job['exit_code']})" if job['exit_code'] else '') if ended else
+               f"its last attempt {attempt}")
+        return ('gated' if gated else 'stopped' if attempt == 'interrupted' else 'failed'), \
+            f"{how}; see {plan['out_dir']}/sweep_log.txt"
+    return 'not started', plan['reason']
+
+
+def status_line(name, seed, word, job, detail):
+    """One line of --status and of a submission, the same shape in both (grep/awk on ' | ')."""
+    return f"{name} seed {seed} | {word} | {f'job {job}' if job else 'no job'} | {detail}"
+
+
+def campaign_now():
+    """[(run, seed, plan, job id, job, attempt)] per run and seed, what --status and submit='slurm' start from: its
+    decision (plan_all: every run directory read first), its latest job and attempt in sweep.jsonl, and that job's
+    state, asked of the scheduler for the runs that are not done."""
+    plans, history = plan_all(), read_history()
+    now = [(run, seed, plan, *history.get((run['name'], seed), (None, None))) for (run, seed), plan in
+           zip(pairs(), plans)]
+    jobs = job_states([job for _, _, plan, job, _ in now if job and plan['action'] != 'skip'])
+    return [(run, seed, plan, job, jobs.get(job), attempt) for run, seed, plan, job, attempt in now]
+
+
+def print_status():
+    """--status: one line per run and seed, from its run directory, sweep.jsonl and, where that records jobs, the
+    scheduler. Changes nothing."""
+    for run, seed, plan, job_id, job, attempt in campaign_now():
+        word, detail = standing(plan, job, attempt)
+        print(status_line(run['name'], seed, word, job_id, detail))
+
+
+def dependencies(run, seed):
+    """The (name, seed) pairs whose jobs this run's job starts after: `after` runs, same seed; `best_of` runs, every
+    seed (the pick is the mean over seeds)."""
+    return list(dict.fromkeys([(name, seed) for name in run.get('after', [])] +
+                              [(name, s) for name in run.get('best_of', {}).get('runs', []) for s in seeds]))
+
+
+def sbatch_command(run, seed, after, argv):
+    """The sbatch command of one run and seed, after the jobs `after`. Its body is this sweep (same interpreter,
+    folder, campaign and keys: argv less MODE_KEYS) for just that run and seed, so its decision, best_of and gate are
+    taken when it starts, by the same code; exec makes that sweep the batch shell, which SLURM's warning (B:)
+    reaches."""
+    body = [sys.executable, os.path.abspath(__file__),
+            *[a for a in argv if not (a.startswith('--') and a[2:].split('=', 1)[0] in MODE_KEYS)],
+            '--submit=local', f"--only={run['name']}:{seed}"]
+    return ['sbatch', '--parsable', f"--job-name={run['name']}-s{seed}", f'--chdir={os.getcwd()}',
+            f"--output={out_dir_of(run, seed)}/slurm-%j.out", '--open-mode=append',  # a requeued job adds to it
+            '--requeue', f'--signal=B:USR1@{warning_seconds}', *sbatch_options(run),
+            *([f"--dependency=afterok:{':'.join(after)}"] if after else []), '--wrap', f"exec {shlex.join(body)}"]
+
+
+def submit_campaign(argv):
+    """submit='slurm': one job per run and seed that is neither done nor has a live job, in campaign order, after the
+    live jobs of the runs it depends on (those that are done drop out). A run whose job ended short of done is
+    submitted again only with resubmit_failed (a job stuck behind it is cancelled and submitted anew); one that
+    depends on a run with no job to wait for is not submitted. dry_run prints the commands instead, `<job of
+    name:seed>` for the ids it would get. One line per run and seed; returns how many jobs were submitted."""
+    ids, submitted, note = {}, 0, '# ' if dry_run else ''  # ids: what dependants wait for ('' = nothing: it is done)
+    for run, seed, plan, job_id, job, attempt in campaign_now():
+        key, (word, detail) = (run['name'], seed), standing(plan, job, attempt)
+        if word == 'done' or job and job['state'] in LIVE and word != 'blocked':
+            ids[key] = '' if word == 'done' else job_id
+        if key in ids or word == 'running':  # running without a live job: another process writes it, no job of ours
+            print(note + status_line(*key, word, job_id, detail))
+            continue
+        if job and word in ENDED and not resubmit_failed:
+            print(note + status_line(*key, word, job_id, f"{detail}; --resubmit_failed=True submits it again"))
+            continue
+        missing = [f"{name} seed {s}" for name, s in dependencies(run, seed) if (name, s) not in ids]
+        if missing:
+            why = f"waits for {', '.join(missing)}, which has no live job to start after (see its line)"
+            print(note + status_line(*key, 'blocked', job_id, why))
+            continue
+        after = [ids[d] for d in dependencies(run, seed) if ids[d]]
+        cmd = sbatch_command(run, seed, after, argv)
+        cancel = ['scancel', job_id] if word == 'blocked' else None  # its job waits for an ended one: never starts
+        submitted += 1
+        if dry_run:
+            print('\n'.join(shlex.join(c) for c in (cancel, cmd) if c))
+            ids[key] = f'<job of {run["name"]}:{seed}>'
+            continue
+        if cancel:
+            slurm(*cancel)
+        os.makedirs(plan['out_dir'], exist_ok=True)  # the job's slurm-<id>.out goes there from its first line
+        code, out, err = slurm(*cmd)
+        if code:
+            raise UserError(f"sbatch refused {run['name']} seed {seed}: {err} ({submitted - 1} job(s) submitted "
+                            f"before it are in sweep.jsonl: submitting again skips them)")
+        ids[key] = out.strip().split(';')[0]  # --parsable: 'id' or 'id;cluster'
+        record(dict(name=run['name'], seed=seed, job=ids[key], dependencies=after, sbatch=shlex.join(cmd)))
+        print(status_line(*key, 'submitted', ids[key], f"after {', '.join(after)}" if after else "starts when it can"))
+    return submitted
 
 
 # -----------------------------------------------------------------------------
@@ -384,24 +629,19 @@ def plan_all():
     """Every run's decision now; later phases show 'wait' until their inputs have finished. Reading every run
     directory first is what makes a fact the sweep cannot read stop it before anything runs (or is printed)."""
     by_name = {run['name']: run for run in runs}
-    return [decide(run, seed, by_name) for run in runs for seed in seeds]
+    return [decide(run, seed, by_name) for run, seed in pairs()]
 
 
 def print_plan():
-    """--dry_run / --sbatch: the plan, one line per run and seed."""
+    """--dry_run: the plan, one line per run and seed."""
     for plan in plan_all():
-        if sbatch:
-            print(sbatch_line(plan))
-        else:
-            print(f"{plan['name']} seed {plan['seed']} | {plan['action']} | {plan['out_dir']} | {plan['reason']}")
+        print(f"{plan['name']} seed {plan['seed']} | {plan['action']} | {plan['out_dir']} | {plan['reason']}")
 
 
 def run_campaign():
     """Every run, one at a time, each decided just before it starts (earlier runs may have changed its inputs).
     Returns [(plan, result)]; a failed run is recorded and the next one starts unless stop_on_error."""
-    by_name = {run['name']: run for run in runs}
-    todo = [(run, seed) for run in runs for seed in seeds]
-    summary = []
+    by_name, todo, summary = {run['name']: run for run in runs}, pairs(), []
     for i, (run, seed) in enumerate(todo):
         plan = decide(run, seed, by_name)
         print(f"sweep {i + 1}/{len(todo)} | {plan['name']} seed {seed} | {plan['action']} | {plan['reason']}",
@@ -428,7 +668,13 @@ def run_campaign():
 
 if __name__ == '__main__':
     check_campaign()
-    if dry_run or sbatch:
+    if status:
+        print_status()
+        sys.exit(0)
+    if submit == 'slurm':
+        print(f"sweep | {'would submit' if dry_run else 'submitted'} {submit_campaign(sys.argv[1:])} job(s)")
+        sys.exit(0)
+    if dry_run:
         print_plan()
         sys.exit(0)
     plan_all()  # every run directory read before the first run starts (each is decided again just before it runs)
@@ -442,4 +688,7 @@ if __name__ == '__main__':
             print(f"  {result['status']}: {plan['name']} seed {plan['seed']} ({plan['out_dir']}/sweep_log.txt)")
         elif result['status'] in ('blocked', 'running'):  # it never started here: why
             print(f"  {result['status']}: {plan['name']} seed {plan['seed']} ({plan['reason']})")
+    if only:  # the body of a job: afterok starts its dependants on exit 0 only, when this run is done; else the run's
+        ended = summary[0][1]  # own exit code (2 bad input, 3 gated: what --status shows), or 1 (none, or a signal)
+        sys.exit(0 if ended['status'] in ('done', 'skipped') else max(ended['returncode'] or 1, 1))
     sys.exit(130 if STOP.reason == 'interrupted' else 1 if counts.get('failed') else 0)

@@ -9,7 +9,8 @@ through the same loader as real exported audio.
     python train_audio.py config/audio_crnn.py --manifest=labels.csv --audio_root=wavs/
     python train_audio.py config/audio_tinycnn_cbam.py --data=waveforms.npz
     python data.py audio --manifest=labels.csv --splits=train,val      # build the feature cache alone
-    sbatch --requeue --gres=gpu:1 --wrap "python train_audio.py config/audio_crnn.py --manifest=... --init_from=auto"
+    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
+        --wrap "exec python train_audio.py config/audio_crnn.py --manifest=... --init_from=auto"
 """
 import math
 import os

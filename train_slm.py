@@ -8,7 +8,8 @@ model.txt, last.pt, best.pt).
     python train_slm.py config/slm_p1.py --batch_size=8 --dataset=any.txt    # your own text
     python train_slm.py --max_iters=20 --eval_interval=10 --n_layer=1 --block_size=64 --out_dir=out/tiny
     torchrun --standalone --nproc_per_node=2 train_slm.py config/slm_p1.py   # DDP (gloo on CPU, nccl on CUDA)
-    sbatch --requeue --gres=gpu:1 --wrap "python train_slm.py config/slm_p1.py --init_from=auto"
+    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
+        --wrap "exec python train_slm.py config/slm_p1.py --init_from=auto"
 """
 import contextlib
 import math

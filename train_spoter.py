@@ -9,7 +9,8 @@ checkpoints at the milestone epochs (epoch_{N}.pt), best.pt on val top-1 (used f
         --val_csv=WLASL100_val_25fps.csv --test_csv=WLASL100_test_25fps.csv
     python train_spoter.py config/spoter_parity.py ...                       # the original recipe (batch 1, SGD)
     python train_spoter.py --eval_only=True --init_from=best.pt --test_csv=new.csv --dump_features=True
-    sbatch --requeue --gres=gpu:1 --wrap "python train_spoter.py config/spoter_wlasl100.py --init_from=auto"
+    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
+        --wrap "exec python train_spoter.py config/spoter_wlasl100.py --init_from=auto"
 """
 import math
 import os

@@ -12,7 +12,8 @@ MIG (Chen et al. 2018).
     python train_vae.py config/vae_option_b.py --quick_test=True          # seed 002's options A/B/C on colour grids
     python train_vae.py config/vae_grids.py --data=my_grids.npz           # any (N, H, W) integer grids
     python train_vae.py --eval_only=True --init_from=best.pt              # figures + metrics of a trained model
-    sbatch --requeue --gres=gpu:1 --wrap "python train_vae.py config/vae_dsprites.py --data=... --init_from=auto"
+    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
+        --wrap "exec python train_vae.py config/vae_dsprites.py --data=... --init_from=auto"
 """
 import math
 import os

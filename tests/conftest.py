@@ -1,6 +1,9 @@
 """Shared fixtures: tiny data in the real formats, written into tmp dirs, and a runner for the scripts."""
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,7 +57,7 @@ def _disarmed_stop_signals():
     """A test that makes a RunDir in this process arms common.STOP (Ctrl-C would then only set a flag): undo it."""
     yield
     import common
-    common.STOP.armed, common.STOP.reason = False, None
+    common.STOP.armed, common.STOP.reason, common.STOP.signals = False, None, []
 
 
 def python_like_text(n_lines):
@@ -71,3 +74,110 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp('corpus') / 'corpus.txt'
     path.write_text(python_like_text(600))
     return path
+
+
+# -----------------------------------------------------------------------------
+# a real single-node SLURM (munge + slurmctld + slurmd as root, every address on loopback) for `-m slurm` tests
+# -----------------------------------------------------------------------------
+
+SLURM_CONF = """ClusterName=tests
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+MpiDefault=none
+JobCompType=jobcomp/none
+ReturnToService=2
+MinJobAge=3600
+KillWait=30
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+GresTypes=gpu
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} Gres=gpu:1 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Slurm:
+    """The test cluster: `env` points sbatch/squeue/scontrol at it (SLURM_CONF); helpers wait on job states."""
+
+    def __init__(self, root, env):
+        self.root, self.env = root, env
+
+    def __call__(self, *command, check=True, cwd=None):
+        out = subprocess.run(command, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=120)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} exited {out.returncode}: {out.stderr}")
+        return out.stdout.strip()
+
+    def state(self, job):
+        """The job's state (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...), from scontrol: finished jobs stay
+        listed for MinJobAge."""
+        text = self('scontrol', 'show', 'job', str(job), check=False)
+        return next((w.split('=')[1] for w in text.split() if w.startswith('JobState=')), 'UNKNOWN')
+
+    def wait(self, job, states=('COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'OUT_OF_MEMORY'),
+             timeout=600):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.state(job)
+            if state in states:
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"job {job} still {self.state(job)} after {timeout} s")
+
+
+@pytest.fixture(scope='session')
+def slurm(tmp_path_factory):
+    """Start munged, slurmctld and slurmd (as root, state and logs in a temp dir), yield a Slurm, stop them by their
+    own PIDs. Skipped where SLURM is not installed or this user cannot run it."""
+    missing = [c for c in ('munged', 'slurmctld', 'slurmd', 'sbatch') if not shutil.which(c)]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"a single-node SLURM needs root and {', '.join(missing) or 'its daemons'} "
+                    f"(apt-get install -y slurm-wlm munge)")
+    root = tmp_path_factory.mktemp('slurm')
+    for folder in ('state', 'spool'):
+        (root / folder).mkdir()
+    key = root / 'munge.key'
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**20 - 1024
+    conf = root / 'slurm.conf'
+    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, ctld_port=_free_port(),
+                                      d_port=_free_port(), cpus=os.cpu_count(), memory=memory))
+    (root / 'gres.conf').write_text("Name=gpu File=/dev/null\n")  # a GPU in name only (torch sees none), so
+    env = dict(os.environ, SLURM_CONF=str(conf))  # --gres=gpu:1 lines run as documented, on the CPU
+    subprocess.run(['munged', '--force', f'--key-file={key}', f'--socket={root}/munge.socket',
+                    f'--pid-file={root}/munged.pid', f'--log-file={root}/munged.log', f'--seed-file={root}/munge.seed'],
+                   check=True, env=env)
+    subprocess.run(['slurmctld', '-f', str(conf)], check=True, env=env)
+    subprocess.run(['slurmd', '-f', str(conf)], check=True, env=env)
+    cluster, deadline = Slurm(root, env), time.time() + 60
+    while 'idle' not in cluster('sinfo', '-h', '-o', '%T', check=False) and time.time() < deadline:
+        time.sleep(0.5)
+    try:
+        assert 'idle' in cluster('sinfo', '-h', '-o', '%T', check=False), (root / 'slurmctld.log').read_text()[-2000:]
+        yield cluster
+    finally:
+        for name in ('slurmd', 'slurmctld', 'munged'):
+            pid_file = root / f'{name}.pid'
+            if pid_file.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)

@@ -213,3 +213,26 @@ def test_a_split_smaller_than_one_batch_trains_on_the_partial_batch(inputs, tmp_
                       f"--cache_dir={folder / 'cache'}", '--out_dir=out/v', cwd=tmp_path)
     assert 'train: 38 images cannot fill batch_size=64: batches of 38' in proc.stdout
     assert torch.load(tmp_path / 'out' / 'v' / 'last.pt', weights_only=True)['iter_num'] == 1
+
+
+def test_under_slurm_the_warning_signal_saves_and_requeues_the_job(inputs, tmp_path):
+    """SIGUSR1 with SLURM_JOB_ID set: save, then `scontrol requeue <job>` (a stand-in scontrol on PATH records its
+    arguments); SIGTERM (scancel) saves without requeueing. The real scheduler: tests/test_slurm.py."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'scontrol').write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
+    (bin_dir / 'scontrol').chmod(0o755)
+    env = dict(SCRIPT_ENV, SLURM_JOB_ID='4242', PATH=f"{bin_dir}:{SCRIPT_ENV['PATH']}")
+    for sig, out_dir in ((signal.SIGUSR1, 'out/warned'), (signal.SIGTERM, 'out/cancelled')):
+        proc = subprocess.Popen([sys.executable, str(ROOT / 'train_slm.py'), *inputs['train_slm.py'],
+                                 f'--out_dir={out_dir}'], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        log, deadline = tmp_path / out_dir / 'log.txt', time.time() + 60
+        while not (log.exists() and 'iter 20/' in log.read_text()) and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0 and (tmp_path / out_dir / 'last.pt').exists()
+        end = events(tmp_path / out_dir)[-1]
+        assert end['reason'] == 'signal' and end.get('requeue') == ('4242' if sig == signal.SIGUSR1 else None)
+    assert (tmp_path / 'scontrol.txt').read_text() == 'requeue 4242\n'  # once: for SIGUSR1 only
+    assert 'requeued SLURM job 4242' in (tmp_path / 'out/warned/log.txt').read_text()

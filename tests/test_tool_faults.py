@@ -157,7 +157,8 @@ def test_unreadable_facts_stop_the_sweep_and_change_nothing(camp, fault):
     assert not proc.stdout  # not half a plan: every run directory is read before the first line
     if fault in RUN_TOO:
         assert_refused(cli('sweep.py', 'camp.py', cwd=camp), *parts)
-        assert_refused(cli('sweep.py', 'camp.py', '--sbatch=True', cwd=camp), *parts)
+        assert_refused(cli('sweep.py', 'camp.py', '--status=True', cwd=camp), *parts)
+        assert_refused(cli('sweep.py', 'camp.py', '--submit=slurm', '--dry_run=True', cwd=camp), *parts)
     assert snapshot(camp) == before
 
 
@@ -187,8 +188,14 @@ def test_a_locked_run_is_running_never_started_twice(camp, held_lock):
         f'b seed 42 | wait | out/c/b/seed42 | waits for a seed 42: being written by {HOLDER}',
         f'd seed 42 | wait | out/c/d/seed42 | best_of waits for a seed 42: being written by {HOLDER}',
         f'e seed 42 | running | out/c/e/seed42 | being written by {HOLDER}']
-    sbatch = cli('sweep.py', 'camp.py', '--sbatch=True', cwd=camp).stdout.splitlines()
-    assert sbatch[0] == f'# running a seed 42: being written by {HOLDER}' and sbatch[3].startswith('# running e')
+    sbatch = cli('sweep.py', 'camp.py', '--submit=slurm', '--dry_run=True', cwd=camp).stdout.splitlines()
+    assert sbatch[0] == f'# a seed 42 | running | no job | being written by {HOLDER}'
+    assert sbatch[1] == '# b seed 42 | blocked | no job | waits for a seed 42, which has no live job to start after ' \
+                        '(see its line)'  # nothing to start after: a is no job of this campaign
+    assert sbatch[3].startswith('# e seed 42 | running |')
+    assert cli('sweep.py', 'camp.py', '--status=True', cwd=camp).stdout.splitlines()[:2] == [
+        f'a seed 42 | running | no job | being written by {HOLDER}',
+        f'b seed 42 | not started | no job | waits for a seed 42: being written by {HOLDER}']
     proc = cli('sweep.py', 'camp.py', cwd=camp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f'  running: a seed 42 (being written by {HOLDER})' in proc.stdout
@@ -199,6 +206,17 @@ def test_a_locked_run_is_running_never_started_twice(camp, held_lock):
     after = snapshot(camp)
     assert {k for k in after if after[k] != before.get(k)} == {'out/c/sweep.jsonl'}  # the campaign's own history
     assert before['out/c/sweep.jsonl'] == after['out/c/sweep.jsonl'][:len(before['out/c/sweep.jsonl'])]
+
+
+def test_a_garbage_line_in_sweep_jsonl_stops_status_and_submission(camp):
+    """--status and --submit=slurm read the campaign's history (its jobs): a line they cannot read is one error and
+    nothing is submitted (a run here only appends to it, and goes on)."""
+    append(camp / 'out/c/sweep.jsonl', '{"name": "a", "se\n')
+    before = snapshot(camp)
+    for args in (['--status=True'], ['--submit=slurm'], ['--submit=slurm', '--dry_run=True']):
+        assert_refused(cli('sweep.py', 'camp.py', *args, cwd=camp), 'out/c/sweep.jsonl, line 4: not a JSON object',
+                       'fix or delete the line')
+    assert snapshot(camp) == before
 
 
 def test_a_changed_config_reruns_and_the_old_run_is_moved_aside(camp):
