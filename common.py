@@ -42,6 +42,20 @@ class UserError(Exception):
 # script's start-up is unguarded; the scripts import common first for that reason
 # -----------------------------------------------------------------------------
 
+def requeue_job(job):
+    """`scontrol requeue` this SLURM job, as PyTorch Lightning's auto-requeue does: SLURM sends the warning signal
+    that the job asked for (sbatch --signal=B:USR1@90) before its time limit, and requeues nothing by itself. The
+    requeued job runs the same command again, which continues from last.pt if it says --init_from=auto."""
+    try:
+        out = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
+        if out.returncode == 0:
+            return f"requeued SLURM job {job}: it continues from last.pt when it starts again (--init_from=auto)"
+        why = (out.stderr or out.stdout).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    return f"could not requeue SLURM job {job} ({why}); continue: sbatch the same command again (--init_from=auto)"
+
+
 class StopSignal:
     """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (SLURM pre-emption, scancel). Until a run directory is written
     (`armed`), they stop the process at once: nothing has been written, nothing is lost (Ctrl-C exits 130, the others
@@ -714,20 +728,6 @@ class RunDir:
             saved = [n for n in ('best.pt', 'last.pt') if os.path.exists(os.path.join(self.out_dir, n))]
             self.print(f"{reason} at {where} | " + (f"{fields(summary)} | " if summary else '') +
                        f"took {hms(time.time() - self.start)} | {self.out_dir}: {' '.join(saved) or 'no checkpoints'}")
-
-
-def requeue_job(job):
-    """`scontrol requeue` this SLURM job, as PyTorch Lightning's auto-requeue does: SLURM sends the warning signal
-    that the job asked for (sbatch --signal=B:USR1@90) before its time limit, and requeues nothing by itself. The
-    requeued job runs the same command again, which continues from last.pt if it says --init_from=auto."""
-    try:
-        out = subprocess.run(['scontrol', 'requeue', job], capture_output=True, text=True, timeout=60)
-        if out.returncode == 0:
-            return f"requeued SLURM job {job}: it continues from last.pt when it starts again (--init_from=auto)"
-        why = (out.stderr or out.stdout).strip()
-    except (OSError, subprocess.TimeoutExpired) as e:
-        why = str(e)
-    return f"could not requeue SLURM job {job} ({why}); continue: sbatch the same command again (--init_from=auto)"
 
 
 LOCK_FILE = '.lock'  # in every run directory while a process writes it: "pid N on host since time"

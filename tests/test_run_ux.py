@@ -236,3 +236,19 @@ def test_under_slurm_the_warning_signal_saves_and_requeues_the_job(inputs, tmp_p
         assert end['reason'] == 'signal' and end.get('requeue') == ('4242' if sig == signal.SIGUSR1 else None)
     assert (tmp_path / 'scontrol.txt').read_text() == 'requeue 4242\n'  # once: for SIGUSR1 only
     assert 'requeued SLURM job 4242' in (tmp_path / 'out/warned/log.txt').read_text()
+
+
+@pytest.mark.parametrize('delay', [0.3, 1.0])  # inside common's import of torch, then in the script's own start-up
+def test_under_slurm_the_warning_signal_during_start_up_requeues_at_once(tmp_path, delay):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'scontrol').write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
+    (bin_dir / 'scontrol').chmod(0o755)
+    env = dict(SCRIPT_ENV, SLURM_JOB_ID='4242', PATH=f"{bin_dir}:{SCRIPT_ENV['PATH']}")
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'train_slm.py'), '--out_dir=out/early'], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGUSR1)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0 and 'Traceback' not in stderr and 'requeued SLURM job 4242' in stderr, stderr
+    assert (tmp_path / 'scontrol.txt').read_text() == 'requeue 4242\n' and not (tmp_path / 'out').exists()
