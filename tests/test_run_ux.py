@@ -215,14 +215,20 @@ def test_a_split_smaller_than_one_batch_trains_on_the_partial_batch(inputs, tmp_
     assert torch.load(tmp_path / 'out' / 'v' / 'last.pt', weights_only=True)['iter_num'] == 1
 
 
-def test_under_slurm_the_warning_signal_saves_and_requeues_the_job(inputs, tmp_path):
-    """SIGUSR1 with SLURM_JOB_ID set: save, then `scontrol requeue <job>` (a stand-in scontrol on PATH records its
-    arguments); SIGTERM (scancel) saves without requeueing. The real scheduler: tests/test_slurm.py."""
+def slurm_job_env(tmp_path):
+    """The environment of SLURM job 4242 with a stand-in scontrol on PATH that appends its arguments to
+    tmp_path/scontrol.txt."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'scontrol').write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
     (bin_dir / 'scontrol').chmod(0o755)
-    env = dict(SCRIPT_ENV, SLURM_JOB_ID='4242', PATH=f"{bin_dir}:{SCRIPT_ENV['PATH']}")
+    return dict(SCRIPT_ENV, SLURM_JOB_ID='4242', PATH=f"{bin_dir}:{SCRIPT_ENV['PATH']}")
+
+
+def test_under_slurm_the_warning_signal_saves_and_requeues_the_job(inputs, tmp_path):
+    """SIGUSR1 with SLURM_JOB_ID set: save, then `scontrol requeue <job>` (a stand-in scontrol on PATH records its
+    arguments); SIGTERM (scancel) saves without requeueing. The real scheduler: tests/test_slurm.py."""
+    env = slurm_job_env(tmp_path)
     for sig, out_dir in ((signal.SIGUSR1, 'out/warned'), (signal.SIGTERM, 'out/cancelled')):
         proc = subprocess.Popen([sys.executable, str(ROOT / 'train_slm.py'), *inputs['train_slm.py'],
                                  f'--out_dir={out_dir}'], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
@@ -240,11 +246,7 @@ def test_under_slurm_the_warning_signal_saves_and_requeues_the_job(inputs, tmp_p
 
 @pytest.mark.parametrize('delay', [0.3, 1.0])  # inside common's import of torch, then in the script's own start-up
 def test_under_slurm_the_warning_signal_during_start_up_requeues_at_once(tmp_path, delay):
-    bin_dir = tmp_path / 'bin'
-    bin_dir.mkdir()
-    (bin_dir / 'scontrol').write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.txt'}\n")
-    (bin_dir / 'scontrol').chmod(0o755)
-    env = dict(SCRIPT_ENV, SLURM_JOB_ID='4242', PATH=f"{bin_dir}:{SCRIPT_ENV['PATH']}")
+    env = slurm_job_env(tmp_path)
     proc = subprocess.Popen([sys.executable, str(ROOT / 'train_slm.py'), '--out_dir=out/early'], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
