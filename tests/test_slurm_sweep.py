@@ -174,7 +174,9 @@ def test_sigusr1_reaches_the_run_requeues_the_job_and_it_resumes_to_the_same_wei
     wait_for(lambda: (run / 'log.txt').exists() and 'iter 100/' in (run / 'log.txt').read_text())
     slurm('scancel', '--signal=USR1', '--batch', job)
     assert slurm.wait(job, states=('PENDING',)) == 'PENDING'  # requeued; SLURM holds it back ~2 minutes
-    slurm('scontrol', 'update', f'JobId={job}', 'StartTime=now')
+    deadline = time.time() + 120
+    while not slurm.start_now(job) and time.time() < deadline:
+        time.sleep(0.2)
     assert slurm.wait(job) == 'COMPLETED'
     events = [json.loads(line) for line in (run / 'events.jsonl').read_text().splitlines()]
     ends = [e for e in events if e['event'] == 'end']
