@@ -15,6 +15,8 @@ MIG (Chen et al. 2018).
     sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
         --wrap "exec python train_vae.py config/vae_dsprites.py --data=... --init_from=auto"
 """
+import base64
+import html
 import math
 import os
 import time
@@ -213,16 +215,39 @@ def evaluate(indices, chunk=256):
     return metrics | {f'val/recall_{c}': r for c, r in enumerate(recall.tolist())}
 
 
-def save_figure(name, rgb_fn):
-    """A picture must never stop training: any failure becomes an error event and a log line."""
+def save_figure(name, figure_fn):
+    """name.png (seed 002's pictures, pixels only) and name.svg: the same pixels with a title, row and column labels.
+    A picture must never stop training: any failure becomes an error event and a log line."""
     path = os.path.join(out_dir, 'figures', name)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_atomic(path, png_bytes(rgb_fn()))
-        run.print(f"[VISUALIZATION] Saved: {path}")
+        rgb, title, row_labels, col_labels, (tile_h, tile_w, scale) = figure_fn()
+        png = png_bytes(rgb)
+        write_atomic(path, png)
+        write_atomic(path[:-4] + '.svg', labeled_svg(png, rgb.shape, title, row_labels, col_labels, tile_h, tile_w,
+                                                     scale).encode())
+        run.print(f"[VISUALIZATION] Saved: {path} (labeled: {name[:-4]}.svg)")
     except Exception as e:
         run.event('error', fatal=False, figure=name, message=f"{type(e).__name__}: {e}")
         run.print(f"[VISUALIZATION] Failed: {path} ({type(e).__name__}: {e}); training continues")
+
+
+def labeled_svg(png, shape, title, row_labels, col_labels, tile_h, tile_w, scale, gap=2, left=150, top=44):
+    """An SVG that shows the PNG's pixels (base64, drawn 1:1) with the title above, a label left of each row of tiles
+    and one above each column: what a reader needs and a PNG writer from the standard library cannot draw."""
+    height, width = shape[0], shape[1]
+    row_y = [top + (gap + i * (tile_h + gap) + tile_h / 2) * scale for i in range(len(row_labels))]
+    col_x = [left + (gap + j * (tile_w + gap) + tile_w / 2) * scale for j in range(len(col_labels))]
+    text = [f'<text x="{left}" y="16" font-size="14" font-weight="bold">{html.escape(title)}</text>']
+    text += [f'<text x="{left - 6}" y="{y:.1f}" text-anchor="end" dominant-baseline="middle">{html.escape(t)}</text>'
+             for y, t in zip(row_y, row_labels)]
+    text += [f'<text x="{x:.1f}" y="{top - 6}" text-anchor="middle">{html.escape(t)}</text>'
+             for x, t in zip(col_x, col_labels)]
+    image = base64.b64encode(png).decode()
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 10}" height="{top + height + 10}" '
+            f'font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>'
+            f'<image x="{left}" y="{top}" width="{width}" height="{height}" style="image-rendering:pixelated" '
+            f'href="data:image/png;base64,{image}"/>{"".join(text)}</svg>\n')
 
 
 @torch.no_grad()
@@ -230,27 +255,35 @@ def decoded(z):
     return raw_model.decode(z).argmax(1)[:, :height, :width].cpu().numpy()  # (B, H, W) class ids, padding cropped
 
 
-def reconstruction_grid():
+def reconstruction_grid(when):
     """Top row: 10 fixed training images; bottom row: their reconstructions (eval mode, z = mu)."""
     raw_model.eval()
     x = batch_of(figure_idx)
     recon = decoded(raw_model.encode(x)[0])
     raw_model.train()
-    return tile_images([list(x[:, :height, :width].cpu().numpy()), list(recon)], colours, scale=max(1, 128 // width))
+    scale = max(1, 128 // width)
+    rgb = tile_images([list(x[:, :height, :width].cpu().numpy()), list(recon)], colours, scale=scale)
+    return (rgb, f"reconstructions, {when} (z = mu)", ['training image', 'reconstruction'],
+            [f"#{i}" for i in figure_idx], (height, width, scale))
 
 
-def traversal_grid(steps=9):
+def traversal_grid(when, metrics, steps=9):
     """Row j: latent j of the first figure image swept over -3..3 (prior sigmas), the other latents at their
-    means; rows ordered by latent index."""
+    means; rows ordered by latent index, each labeled with that latent's val KL."""
     raw_model.eval()
     mu = raw_model.encode(batch_of(figure_idx[:1]))[0][0]
     z = mu.repeat(raw_model.latent_dim * steps, 1)  # (D * steps, D)
+    values = torch.linspace(-3, 3, steps)
     for j in range(raw_model.latent_dim):
-        z[j * steps:(j + 1) * steps, j] = torch.linspace(-3, 3, steps, device=device)
+        z[j * steps:(j + 1) * steps, j] = values.to(device)
     frames = decoded(z)
     raw_model.train()
-    return tile_images([list(frames[j * steps:(j + 1) * steps]) for j in range(raw_model.latent_dim)], colours,
-                       scale=max(1, 64 // width))
+    scale = max(1, 64 // width)
+    rgb = tile_images([list(frames[j * steps:(j + 1) * steps]) for j in range(raw_model.latent_dim)], colours,
+                      scale=scale)
+    rows = [f"z{j} KL {metrics[f'val/kl_dim_{j}']:.2f}" for j in range(raw_model.latent_dim)]
+    return (rgb, f"latent traversals of image #{figure_idx[0]}, {when}: z_j from -3 to 3 (KL in nats)", rows,
+            [f"{v:+.1f}" for v in values.tolist()], (height, width, scale))
 
 
 @torch.no_grad()
@@ -287,8 +320,9 @@ def checkpoint(names, metrics):
 # -----------------------------------------------------------------------------
 if eval_only:
     metrics = evaluate(val_idx)
-    save_figure('reconstructions_eval.png', reconstruction_grid)
-    save_figure('traversals_eval.png', traversal_grid)
+    when = f"{os.path.basename(resume_path)} (epoch {ckpt['epoch']})"
+    save_figure('reconstructions_eval.png', lambda: reconstruction_grid(when))
+    save_figure('traversals_eval.png', lambda: traversal_grid(when, metrics))
     if factors is not None:
         metrics['mig'], metrics['mig_per_factor'] = disentanglement()
         run.print(f"mig per factor | {fields(metrics['mig_per_factor'])}")
@@ -369,10 +403,10 @@ while epoch < max_epochs:
     run.print(epoch_line(f"epoch {epoch}/{max_epochs}", {'train/loss': train['train/loss'], **shown(metrics)},
                          steps * sampler.batch_size / train_s, sums['step_s'] / steps, sums['data_s'] / train_s,
                          clock(epoch * steps_per_epoch)))
-    save_figure(f'reconstructions_epoch_{epoch}.png', reconstruction_grid)
+    save_figure(f'reconstructions_epoch_{epoch}.png', lambda: reconstruction_grid(f"epoch {epoch}"))
     if best:
-        save_figure('reconstructions_best.png', reconstruction_grid)
-        save_figure('traversals_best.png', traversal_grid)
+        save_figure('reconstructions_best.png', lambda: reconstruction_grid(f"epoch {epoch}, best.pt"))
+        save_figure('traversals_best.png', lambda: traversal_grid(f"epoch {epoch}, best.pt", metrics))
 
 # the end: MIG with best.pt's weights (selected on val/loss) when the data has factors
 if not stopped:

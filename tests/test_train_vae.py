@@ -1,9 +1,11 @@
 """train_vae.py run as a user runs it, on tiny data in the real formats: figures and the [VISUALIZATION] line,
 scalars and the end event, eval_only, padded grids with class weights and capacity annealing, resume equivalence,
 and every bad-input path (clear message, exit 2, nothing in the existing run lost)."""
+import base64
 import csv
 import hashlib
 import json
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -37,6 +39,18 @@ def trained(tmp_path_factory):
     return work, work / 'out' / 'run', proc.stdout
 
 
+def svg_labels(path):
+    """(title, row labels, column labels, the embedded PNG's bytes) of a labeled figure: row labels are the texts
+    right-aligned left of the picture, column labels those centred above it."""
+    root = ElementTree.parse(path).getroot()
+    ns = '{http://www.w3.org/2000/svg}'
+    texts = root.findall(f'{ns}text')
+    image = root.find(f'{ns}image')
+    rows = [t.text for t in texts if t.get('text-anchor') == 'end']
+    cols = [t.text for t in texts if t.get('text-anchor') == 'middle']
+    return texts[0].text, rows, cols, base64.b64decode(image.get('href').split(',', 1)[1])
+
+
 def test_smoke_run_writes_figures_scalars_and_mig(trained):
     work, run_dir, stdout = trained
     figures = run_dir / 'figures'
@@ -45,6 +59,16 @@ def test_smoke_run_writes_figures_scalars_and_mig(trained):
         assert (figures / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
         assert f"[VISUALIZATION] Saved: out/run/figures/{name}" in stdout
     assert list(work.glob('cache/vae/sprites_*.npz'))  # the built-in sprites went through the dSprites loader
+    best_epoch = torch.load(run_dir / 'best.pt', weights_only=True)['epoch']
+    best_eval = [e for e in events(run_dir) if e['event'] == 'eval'][best_epoch - 1]
+    title, rows, cols, pixels = svg_labels(figures / 'traversals_best.svg')
+    assert pixels == (figures / 'traversals_best.png').read_bytes()  # the labeled figure shows the PNG's own pixels
+    assert f"epoch {best_epoch}, best.pt" in title
+    assert rows == [f"z{j} KL {best_eval[f'val/kl_dim_{j}']:.2f}" for j in range(10)]  # row j: latent j and its KL
+    assert cols == ['-3.0', '-2.2', '-1.5', '-0.8', '+0.0', '+0.8', '+1.5', '+2.2', '+3.0']  # the traversal values
+    title, rows, cols, pixels = svg_labels(figures / 'reconstructions_epoch_2.svg')
+    assert 'epoch 2' in title and rows == ['training image', 'reconstruction'] and len(cols) == 10
+    assert pixels == (figures / 'reconstructions_epoch_2.png').read_bytes()
     header = (run_dir / 'scalars.csv').read_text().splitlines()[0].split(',')
     assert header[:5] == ['epoch', 'time_s', 'lr', 'train/loss', 'val/loss']  # the leading columns of every script
     assert {'train/recon', 'train/kl', 'val/recon', 'val/kl', 'val/kl_dim_0', 'val/kl_dim_9', 'val/active_dims',
@@ -54,7 +78,6 @@ def test_smoke_run_writes_figures_scalars_and_mig(trained):
     assert end['event'] == 'end' and end['epochs'] == 2 and 0.0 <= end['mig'] <= 1.0
     assert set(end['mig_per_factor']) == {'shape', 'scale', 'orientation', 'posX', 'posY'}  # colour is constant
     rows = list(csv.DictReader((run_dir / 'scalars.csv').open()))  # MIG per epoch: best.pt's row is the end's MIG
-    best_epoch = torch.load(run_dir / 'best.pt', weights_only=True)['epoch']
     assert float(rows[best_epoch - 1]['mig']) == pytest.approx(end['mig'], rel=1e-5)
     ckpt = torch.load(run_dir / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 2 and ckpt['iter_num'] == 2 * (380 // 32) and ckpt['model_args']['num_classes'] == 2
@@ -68,7 +91,10 @@ def test_eval_only_writes_figures_and_metrics_of_a_checkpoint(trained):
     work, run_dir, _ = trained
     before = digest(run_dir / 'best.pt')
     proc = vae(work, '--num_images=400', '--out_dir=out/run', '--eval_only=True', '--init_from=best.pt')
-    assert '[VISUALIZATION] Saved: out/run/figures/traversals_eval.png' in proc.stdout
+    assert '[VISUALIZATION] Saved: out/run/figures/traversals_eval.png (labeled: traversals_eval.svg)' in proc.stdout
+    title, rows, _, _ = svg_labels(run_dir / 'figures' / 'traversals_eval.svg')
+    best_epoch = torch.load(run_dir / 'best.pt', weights_only=True)['epoch']
+    assert title.endswith(f"best.pt (epoch {best_epoch}): z_j from -3 to 3 (KL in nats)") and len(rows) == 10
     end = events(run_dir)[-1]
     best = torch.load(run_dir / 'best.pt', weights_only=True)['metrics']
     assert end['reason'] == 'eval_only' and end['val/fg_iou'] == best['val/fg_iou'] and end['val/kl'] == best['val/kl']
