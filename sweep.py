@@ -264,6 +264,8 @@ def run_state(out_dir):
     facts, has_last = read_config(out_dir), os.path.exists(os.path.join(out_dir, 'last.pt'))
     if facts is None:
         held = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        if held == ['events.jsonl'] and all(e.get('event') == 'gate' for e in events_of(out_dir)):
+            return None, False, False  # only a gate's refusals (train_kd.py writes nothing else): nothing ran yet
         if held:
             raise unreadable(f"{os.path.join(out_dir, 'config.json')}: missing, but the folder holds "
                              f"{', '.join(held)}: what they are is unknown (restore config.json)")

@@ -25,6 +25,11 @@ seed = 0  # seed
 fail = 0  # exit with this code before training (3 = refused by a gate)
 lr = 0.1  # a knob
 config = configure(globals())
+if fail == 3:  # as train_kd.py's gate: one gate event is all it writes
+    import json, os
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'events.jsonl'), 'a') as f:
+        f.write(json.dumps(dict(schema_version=1, event='gate', passed=False, gap=-0.1)) + '\\n')
 if fail:
     print(f"fake: exiting {fail}")
     sys.exit(fail)
@@ -167,7 +172,9 @@ def test_failed_run_is_recorded_and_the_campaign_goes_on(fake_campaign, tmp_path
     assert [(h['name'], h['status']) for h in history(tmp_path)] == [('bad', 'failed'), ('gated', 'gated'),
                                                                      ('good', 'done')]
     assert 'fake: exiting 1' in (tmp_path / 'out/c/bad/seed42/sweep_log.txt').read_text()
-    # the next plan: the finished run is skipped, the failed and gated ones are tried again
+    # the next plan: the finished run is skipped, the failed and gated ones are tried again (the gated run's folder
+    # holds only its gate event)
+    assert sorted(p.name for p in (tmp_path / 'out/c/gated/seed42').iterdir()) == ['events.jsonl', 'sweep_log.txt']
     by_name = {r['name']: r for r in sweep.runs}
     assert [sweep.decide(r, 42, by_name)['action'] for r in sweep.runs] == ['run', 'run', 'skip']
     # stop_on_error stops at the first failure
