@@ -54,7 +54,7 @@ max_frames = 256  # longest clip the 'learned' positions cover, in [1, inf)
 max_epochs = 350  # training epochs, in [1, inf)
 checkpoint_epochs = [10, 50, 100, 200, 350]  # epoch_{N}.pt is kept at these epochs (those <= max_epochs), [1, inf)
 batch_size = 32  # clips per batch per process, padded to the longest clip, in [1, inf)
-bucket_by_length = True  # batch clips of similar length: less padding, ~1.4x faster on CPU (bench.py spoter)
+bucket_by_length = True  # batch clips of similar length: less padding, faster (python bench.py spoter)
 opt = 'adamw'  # 'adamw' | 'sgd' (the original: SGD, no momentum)
 learning_rate = 3e-4  # constant learning rate, in [0, inf)
 weight_decay = 0.0  # decoupled weight decay (AdamW) or L2 (SGD), in [0, inf)
@@ -92,6 +92,10 @@ seed_everything(seed + rank)
 
 # data: SPOTER CSVs -> HDF5 cache -> clips of (T, 54, 2) raw coordinates; labels shifted to 0-based
 if not train_csv and not eval_only:
+    if num_classes not in (0, builtin_classes) and not ckpt:  # a config for real data, run without its CSVs
+        raise UserError(f"num_classes={num_classes} but no train_csv was given, and the built-in signs have "
+                        f"builtin_classes={builtin_classes}: give --train_csv, --val_csv and --test_csv (the "
+                        f"config's first comment names the files), or --num_classes=0 for the built-in signs")
     train_csv, val_csv, test_csv = write_sign_csvs(os.path.join(cache_dir, 'spoter_signs'), builtin_classes, seed=0)
 
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, sigterm_when_logged
+from conftest import ROOT, run_script, sigterm_when_logged
 
 from data import write_sign_csvs
 
@@ -139,3 +139,12 @@ def test_torchrun_two_processes(tmp_path, csvs):
     assert ckpt['epoch'] == 2 and len(ckpt['rng_state']) == 2
     assert json.loads((run_dir / 'config.json').read_text())['world_size'] == 2
     assert events(run_dir)[-1]['event'] == 'end' and 'test/acc' in events(run_dir)[-1]
+
+
+def test_a_real_data_config_without_its_csvs_stops_before_writing_anything(tmp_path):
+    proc = spoter(tmp_path, ROOT / 'config/spoter_wlasl100.py', check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: num_classes=100 but no train_csv was given, and the built-in signs have builtin_classes=10: give "
+        "--train_csv, --val_csv and --test_csv (the config's first comment names the files), or --num_classes=0 "
+        "for the built-in signs"]
+    assert list(tmp_path.iterdir()) == []  # no built-in CSVs, no cache, no run directory
