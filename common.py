@@ -228,7 +228,7 @@ def _assigned(source):
     return names
 
 
-def configure(g, argv=None):
+def configure(g, argv=None, usage=None):
     """Apply config files (positional args, executed as Python in the script's globals g) and then --key=value
     overrides to the script's defaults; check every value against the choices or range its comment declares; return
     the final config as a JSON-able dict. The keys given (and where) are kept in g['_given'] for start_from()."""
@@ -237,7 +237,7 @@ def configure(g, argv=None):
     comments = declared_keys(os.path.abspath(path)) if path else {}
     defaults = {k: g[k] for k in (comments or g) if not k.startswith('_') and isinstance(g.get(k), CONFIG_TYPES)}
     if '--help' in argv or '-h' in argv:
-        print(f"usage: python {os.path.basename(path or 'script.py')} [config.py ...] [--key=value ...]\n")
+        print(f"usage: python {usage or os.path.basename(path) + ' [config.py ...] [--key=value ...]'}\n")
         for k, v in defaults.items():
             print(textwrap.fill(comments.get(k, ''), 118, initial_indent=f"  --{k}={v!r}".ljust(40) + ' # ',
                                 subsequent_indent=' ' * 43) if comments.get(k) else f"  --{k}={v!r}".ljust(40) + ' #')
@@ -385,6 +385,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rank_device(local_rank, local_world, visible, torchrun):
+    """The CUDA device of one rank: cuda:LOCAL_RANK where every rank of the node sees its GPUs (torchrun
+    --nproc_per_node), cuda:0 where a launcher gave each process one GPU of its own (srun --gpus-per-task=1 binds
+    one per task; torchrun's ranks share one environment, so never there), else an error naming the counts (two
+    ranks on one GPU fail in nccl)."""
+    if visible >= local_world:
+        return f'cuda:{local_rank}'
+    if visible == 1 and not torchrun:
+        return 'cuda:0'
+    raise UserError(f"{local_world} processes on this node but {visible} GPU(s) visible to them: start one process "
+                    f"per GPU (torchrun --nproc_per_node={visible}), or one task per GPU (srun --gpus-per-task=1)")
+
+
 def init_distributed(device):
     """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and pick this rank's device.
     Returns (ddp, rank, world_size, device)."""
@@ -393,7 +406,8 @@ def init_distributed(device):
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     device = pick_device(device)
     if device.startswith('cuda'):
-        device = f'cuda:{local_rank}'
+        device = rank_device(local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', world_size)),
+                             torch.cuda.device_count(), torchrun='TORCHELASTIC_RUN_ID' in os.environ)
         torch.cuda.set_device(device)
     dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     return True, rank, world_size, device

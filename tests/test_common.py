@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import random
+import re
 
 import numpy as np
 import pytest
@@ -267,6 +268,40 @@ def test_pick_device_auto_slurm_rule(fake_cuda):
     assert common.pick_device('auto') == 'cpu'
     fake_cuda.setenv('CUDA_VISIBLE_DEVICES', '0')
     assert common.pick_device('auto') == 'cuda'
+
+
+@pytest.mark.parametrize('gpus, local_rank, local_world, torchrun, expected', [
+    (1, 0, 1, True, 'cuda:0'),  # one process, one GPU
+    (4, 3, 4, True, 'cuda:3'),  # torchrun --nproc_per_node=4 on a 4-GPU node
+    (8, 1, 2, True, 'cuda:1'),  # fewer ranks than GPUs: the first ones
+    (1, 1, 2, False, 'cuda:0'),  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+    (1, 1, 2, True, "2 processes on this node but 1 GPU(s) visible to them"),  # torchrun ranks share one GPU
+    (2, 2, 4, True, "4 processes on this node but 2 GPU(s) visible to them: start one process per GPU "
+                    "(torchrun --nproc_per_node=2)"),
+    (2, 2, 4, False, "4 processes on this node but 2 GPU(s)"),
+])
+def test_every_rank_gets_a_device_that_exists_or_one_line_naming_the_counts(fake_cuda, gpus, local_rank, local_world,
+                                                                           torchrun, expected):
+    fake_cuda.setattr(torch.cuda, 'device_count', lambda: gpus)
+    chosen, joined = [], []
+    fake_cuda.setattr(torch.cuda, 'set_device', chosen.append)
+    fake_cuda.setattr(common.dist, 'init_process_group', lambda backend: joined.append(backend))
+    fake_cuda.setenv('RANK', str(local_rank))
+    fake_cuda.setenv('LOCAL_RANK', str(local_rank))
+    fake_cuda.setenv('WORLD_SIZE', str(local_world))
+    fake_cuda.setenv('LOCAL_WORLD_SIZE', str(local_world))
+    if torchrun:
+        fake_cuda.setenv('TORCHELASTIC_RUN_ID', 'job')
+    else:
+        fake_cuda.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    if expected.startswith('cuda'):
+        assert common.init_distributed('auto') == (True, local_rank, local_world, expected)
+        assert chosen == [expected] and joined == ['nccl']
+        assert int(expected.split(':')[1]) < gpus  # never an ordinal the process cannot see
+    else:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            common.init_distributed('auto')
+        assert chosen == [] and joined == []  # refused before any process group or device was touched
 
 
 def test_pick_device_auto_without_accelerators(monkeypatch):
