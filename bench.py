@@ -24,8 +24,9 @@ from model import CharTransformer, TransformerConfig, lm_loss
 rounds = 5  # round-robin rounds over the variants; each variant's figure is the median over all rounds
 steps_per_round = 3  # timed training steps per variant per round
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'mps'
-sections = [a for a in sys.argv[1:] if not a.startswith('--')] or ['slm']
-config = configure(globals(), [a for a in sys.argv[1:] if a.startswith('--')])
+config = configure(globals(), [a for a in sys.argv[1:] if a.startswith('--')],
+                   usage='bench.py [slm] [spoter] [audio] [kd] [vae] [--key=value ...]')
+sections = [a for a in sys.argv[1:] if not a.startswith('--')] or ['slm']  # python bench.py spoter kd ...
 device = pick_device(device)
 torch.manual_seed(0)
 

@@ -1775,7 +1775,7 @@ if __name__ == '__main__':  # the preprocessing step alone: python data.py audio
                          "[--splits=train,val,test] [--skip_existing=True] [--cache_dir=cache] [--n_mels=64 ...]")
     keys = dict(manifest='', audio_root='', data='', cache_dir='cache', splits='train,val,test', skip_existing=True,
                 label_map=AUDIO_RECIPE['label_map'], **AUDIO_FEATURES)
-    args = configure(keys, sys.argv[2:])
+    args = configure(keys, sys.argv[2:], usage='data.py audio (--manifest=FILE.csv | --data=FILE.npz) [--key=value ...]')
     paths, left_out = prepare_audio_cache(args['cache_dir'], {k: args[k] for k in AUDIO_FEATURES}, args['label_map'],
                                           args['manifest'], args['audio_root'], args['data'],
                                           args['splits'].split(','), args['skip_existing'])

@@ -183,8 +183,8 @@ def lm_loss(logits, targets, ignore_index=0):
 
 class SPOTEREncoderLayer(nn.Module):
     """Post-norm encoder layer (as nn.TransformerEncoderLayer): self-attention over frames, then ReLU MLP.
-    Dropout on the residual branches and the MLP's hidden layer uses model.dropout: on CPU it was 37% of a SPOTER
-    step with torch's bernoulli_ masks (bench.py spoter)."""
+    Dropout on the residual branches and the MLP's hidden layer uses model.dropout, whose CPU masks cost a fraction
+    of torch's bernoulli_ ones (the SLM's reason, docs/slm.md)."""
 
     def __init__(self, d_model, n_head, d_ff, dropout):
         super().__init__()

@@ -5,10 +5,10 @@ cross-entropy, Adam, early stopping on validation macro-F1, best.pt's weights sc
 Without data it writes the built-in procedural sleep sounds (16-bit WAVs + a CSV manifest) and reads them back
 through the same loader as real exported audio.
 
-    python train_audio.py config/audio_tinycnn.py                      # built-in sounds, minutes on a CPU
-    python train_audio.py config/audio_crnn.py --manifest=labels.csv --audio_root=wavs/
-    python train_audio.py config/audio_tinycnn_cbam.py --data=waveforms.npz
-    python data.py audio --manifest=labels.csv --splits=train,val      # build the feature cache alone
+    python train_audio.py config/audio_crnn.py --clip_seconds=1.0      # built-in sounds, minutes on a CPU
+    python train_audio.py config/audio_crnn.py                          # seed 001's recipe: 5 s clips
+    python train_audio.py config/audio_crnn.py --manifest=my_sounds/manifest.csv   # your WAVs (docs/audio.md)
+    python data.py audio --manifest=cache/sleep_sounds/manifest.csv --splits=train,val  # the feature cache alone
     sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
         --wrap "exec python train_audio.py config/audio_crnn.py --manifest=... --init_from=auto"
 """

@@ -10,7 +10,7 @@ gate_min_gap; both figures are read from the finished runs' end events.
 
     python train_kd.py config/kd_tinycnn.py --teacher_ckpt=out/audio_crnn/best.pt --alpha=0.6 --temperature=4
     python train_kd.py config/kd_tinycnn_cbam.py --cbam_reduction=8 --cbam_kernel=3 --alpha=0.9 --temperature=3
-    python train_kd.py config/kd_tinycnn.py --manifest=labels.csv --teacher_ckpt=out/crnn_real/best.pt
+    python train_kd.py config/kd_tinycnn.py --manifest=my_sounds/manifest.csv --teacher_ckpt=out/my_crnn/best.pt
     sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
         --wrap "exec python train_kd.py config/kd_tinycnn.py --manifest=... --init_from=auto"
 """

@@ -150,7 +150,8 @@ if meta['unk_count'] > 0.5 * meta['chars']:  # not ASCII text (another script, b
 if sampler.batch_size < batch_size:
     run.print(f"data: {len(train_starts):,} train windows cannot fill batch_size={batch_size} on {world_size} "
               f"rank(s): batches of {sampler.batch_size}")
-run.print(f"model: {raw_model.num_params():,} parameters | device {device} | dtype {dtype} | world {world_size}")
+run.print(f"model: {raw_model.num_params(False):,} parameters ({raw_model.num_params():,} without the position table, "
+          f"as MFU counts) | device {device} | dtype {dtype} | world {world_size}")
 tokens_per_iter = gradient_accumulation_steps * world_size * sampler.batch_size * block_size
 flops_per_iter = raw_model.flops_per_token() * tokens_per_iter / world_size  # per device
 mfu = MFU(device, flops_per_iter, (sampler.batch_size * block_size, n_embd, d_ff), log=run.print) if master else None
