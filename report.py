@@ -612,14 +612,14 @@ def index_html(folder, ranked, groups, svgs):
     for r in ranked:
         state = re.split(r'[:(]', r['status'])[0].strip()  # done, done, unscored, incomplete, replaced
         states[state] = states.get(state, 0) + 1
-    command = 'python report.py ' + name + ''.join(f" --{k}={v}" for k, v, default in (
+    command = 'python report.py ' + folder + ''.join(f" --{k}={v}" for k, v, default in (
         ('select', select, ''), ('top', top, 10)) if v != default)
     out = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f'<title>{esc(name)}: report</title>', f'<style>{STYLE}</style>', '</head><body>',
            f'<h1>{esc(name)}: {len(ranked)} runs of {len(scripts)} script{"s" * (len(scripts) != 1)}</h1>',
            f'<p class="meta">{", ".join(f"{n} {s}" for s, n in states.items())} | <code>{esc(command)}</code> '
-           f'read <code>{esc(os.path.abspath(folder))}</code> at {time.strftime("%Y-%m-%d %H:%M %Z")} | '
+           f'at {time.strftime("%Y-%m-%d %H:%M %Z")} | '
            f'<a href="leaderboard.csv">leaderboard.csv</a> <a href="leaderboard_grouped.csv">leaderboard_grouped.csv'
            f'</a></p>',
            '<p class="meta">Each script is ranked on its own validation metric, never together with another script; '

@@ -298,6 +298,7 @@ def test_index_html_is_one_self_contained_page_with_statuses_and_links(runs):
     for run in ('a', 'b', 'b2', 'c', 'd'):
         for name in ('config.json', 'scalars.csv', 'events.jsonl'):
             assert f'{run}/{name}' in parser.links
+    assert f'<code>python report.py {runs}</code>' in page  # the command as run, which names the folder
     assert 'a/log.txt' in parser.links and 'b/log.txt' not in parser.links  # b has no log.txt
     assert "incomplete: no end event &#x27;done&#x27;" in page or "incomplete: no end event 'done'" in page
     assert page.count('>done</span>') == 4 and 'leaderboard_train_audio.csv' in parser.links
