@@ -7,7 +7,7 @@ with known factors, written as a dSprites npz and read back by the same loader. 
 every checkpoint, latent traversals at the best one, KL per latent, foreground IoU and, where the data has factors,
 MIG (Chen et al. 2018).
 
-    python train_vae.py                                                   # built-in sprites, ~36 min, 1 CPU thread
+    python train_vae.py                                                   # built-in sprites, ~1 h, 1 CPU thread
     python train_vae.py config/vae_dsprites.py --data=dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz
     python train_vae.py config/vae_option_b.py --quick_test=True          # seed 002's options A/B/C on colour grids
     python train_vae.py config/vae_grids.py --data=my_grids.npz           # any (N, H, W) integer grids
@@ -60,7 +60,7 @@ capacity_max = 25.0  # 'capacity': final KL target C in nats, in [0, inf)
 capacity_stop_iter = 100_000  # 'capacity': C rises linearly from 0 to capacity_max over these iterations, [1, inf)
 capacity_gamma = 1000.0  # 'capacity': weight of |KL - C|, in [0, inf)
 factor_gamma = 35.0  # 'factor': weight of the TC (Kim & Mnih: 10-100 on dSprites), in [0, inf)
-disc_hidden = 256  # 'factor': width of its 6 hidden layers (Kim & Mnih: 1000; bench.py vae: +13% a step, 1000 +87%)
+disc_hidden = 256  # 'factor': width of its 6 hidden layers (Kim & Mnih: 1000, a far slower step: bench.py vae)
 #   [1, inf)
 disc_learning_rate = 5e-4  # 'factor': its Adam, betas (0.5, 0.9); Kim & Mnih give it the VAE's rate (both 1e-4)
 #   [0, inf)
@@ -69,7 +69,7 @@ focal_gamma = 2.0  # focal loss exponent; 0 = cross-entropy; [0, inf)
 use_class_weights = False  # weight each pixel's loss by its class's weight (mean pixel weight 1 over the data)
 class_weight_method = 'sqrt_inverse'  # 'inverse' | 'sqrt_inverse' | 'balanced': N/(C n_c), its root, median-frequency
 # optimization
-max_epochs = 30  # training epochs; on the built-in sprites FactorVAE opens its 4th latent at epoch ~17-22, [1, inf)
+max_epochs = 30  # training epochs; on the built-in sprites FactorVAE opens its 4th latent at epoch 22, [1, inf)
 quick_test = False  # seed 002's quick test: 5 epochs, whatever max_epochs says
 batch_size = 64  # images per step, in [1, inf)
 learning_rate = 5e-4  # Adam, constant; the literature's 1e-4 is for ~300k-step runs (config/vae_dsprites.py)
