@@ -8,9 +8,10 @@ checkpoints at the milestone epochs (epoch_{N}.pt), best.pt on val top-1 (used f
     python train_spoter.py config/spoter_wlasl100.py --train_csv=WLASL100_train_25fps.csv \\
         --val_csv=WLASL100_val_25fps.csv --test_csv=WLASL100_test_25fps.csv
     python train_spoter.py config/spoter_parity.py ...                       # the original recipe (batch 1, SGD)
-    python train_spoter.py --eval_only=True --init_from=best.pt --test_csv=new.csv --dump_features=True
-    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 \
-        --wrap "exec python train_spoter.py config/spoter_wlasl100.py --init_from=auto"
+    python train_spoter.py --eval_only=True --init_from=best.pt --test_csv=cache/spoter_signs/test.csv \
+        --dump_features=True                                   # score out/spoter's best.pt on the built-in test set
+    sbatch --requeue --signal=B:USR1@120 --gres=gpu:1 --wrap "exec python train_spoter.py \
+        config/spoter_wlasl100.py --train_csv=... --val_csv=... --test_csv=... --init_from=auto"
 """
 import math
 import os

@@ -63,7 +63,7 @@ def test_every_documented_sbatch_line_runs_to_completed(slurm, workdir, corpus):
     audio = f'--manifest={manifest} --clip_seconds=0.5 --max_epochs=1 --num_workers=0 --batch_size=8 --device=cpu'
     short = {  # the lines as written, shortened by overrides (and '...' filled in with tiny data)
         'train_slm.py': f"{' '.join(TINY_SLM)} --dataset={corpus} --max_iters=4 --eval_interval=2",
-        'train_spoter.py': '--device=cpu --max_epochs=1 --batch_size=8 --builtin_classes=4',
+        'train_spoter.py': '--device=cpu --max_epochs=1 --batch_size=8 --builtin_classes=4 --num_classes=0',
         'train_audio.py': audio, 'train_kd.py': f'{audio} --gate=False',
         'train_vae.py': '--device=cpu --data=sprites.npz --max_epochs=1 --batch_size=32 --mig_samples=600',
     }
@@ -74,7 +74,7 @@ def test_every_documented_sbatch_line_runs_to_completed(slurm, workdir, corpus):
     jobs = {}
     for i, line in enumerate(lines):
         script = next(s for s in SCRIPTS if s in line)
-        line = re.sub(r'--(manifest|data)=\.\.\. ', '', line)
+        line = re.sub(r'--(manifest|data|train_csv|val_csv|test_csv)=\.\.\. ', '', line)
         extra = f' {short[script]} --out_dir=out/line{i}'  # each its own run: two lines train the same config
         if script == 'train_kd.py':
             audio = next(j for j, (text, _) in enumerate(jobs.items()) if 'config/audio_crnn.py' in text)
