@@ -338,10 +338,9 @@ def test_status_and_the_job_body_in_local_mode(fake_campaign, tmp_path, monkeypa
             sweep.check_campaign()
 
 
-def test_sigterm_to_the_sweep_alone_reaches_its_run(tmp_path, corpus):
-    """What scancel and SLURM's warning do to a job's batch shell: the signal goes to the sweep only; the sweep passes
-    it on, the run saves last.pt and stops, the sweep records it 'interrupted' and stops; the next sweep resumes."""
-    import signal
+def sweep_in_its_first_run(tmp_path, corpus):
+    """A two-run SLM campaign started in its own session (as a terminal or a batch shell starts it), returned once
+    its first run has taken 5 steps."""
     import time
     tiny = dict(a.removeprefix('--').split('=', 1) for a in TINY_SLM)
     overrides = ', '.join(f"{k}={v if v[0].isdigit() else repr(v)}" for k, v in tiny.items())
@@ -353,6 +352,14 @@ def test_sigterm_to_the_sweep_alone_reaches_its_run(tmp_path, corpus):
     log, deadline = tmp_path / 'out/c/a/seed42/log.txt', time.time() + 120
     while not (log.exists() and 'iter 5/' in log.read_text()) and time.time() < deadline:
         time.sleep(0.02)
+    return proc
+
+
+def test_sigterm_to_the_sweep_alone_reaches_its_run(tmp_path, corpus):
+    """What scancel and SLURM's warning do to a job's batch shell: the signal goes to the sweep only; the sweep passes
+    it on, the run saves last.pt and stops, the sweep records it 'interrupted' and stops; the next sweep resumes."""
+    import signal
+    proc = sweep_in_its_first_run(tmp_path, corpus)
     proc.send_signal(signal.SIGTERM)  # the sweep's pid only, not its process group
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and 'Traceback' not in stderr, stderr
@@ -408,17 +415,7 @@ def test_ctrl_c_stops_the_run_and_the_campaign_and_the_next_sweep_resumes(tmp_pa
     """Ctrl-C reaches the sweep and its run (one process group, as in a terminal): the run saves last.pt and exits
     130, the sweep waits for it, records it 'interrupted', starts nothing more and exits 130."""
     import signal
-    import time
-    tiny = dict(a.removeprefix('--').split('=', 1) for a in TINY_SLM)
-    overrides = ', '.join(f"{k}={v if v[0].isdigit() else repr(v)}" for k, v in tiny.items())
-    (tmp_path / 'camp.py').write_text(
-        f"out_root = 'out/c'\nruns = [dict(name=n, script='train_slm.py', overrides=dict({overrides}, "
-        f"dataset={str(corpus)!r}, max_iters=100000, eval_interval=100000)) for n in ('a', 'b')]\n")
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'sweep.py'), 'camp.py'], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log, deadline = tmp_path / 'out/c/a/seed42/log.txt', time.time() + 120
-    while not (log.exists() and 'iter 5/' in log.read_text()) and time.time() < deadline:
-        time.sleep(0.02)
+    proc = sweep_in_its_first_run(tmp_path, corpus)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and 'Traceback' not in stderr, stderr
