@@ -91,6 +91,8 @@ class StopSignal:
 def _excepthook(kind, value, tb, _default=sys.excepthook):
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr)
+        if 'torch.distributed' in sys.modules and dist.is_initialized():  # left standing, gloo aborts the exit
+            dist.destroy_process_group()
         sys.exit(2)  # excepthook exit: the interpreter still runs atexit handlers
     if issubclass(kind, BrokenPipeError):  # `python train_slm.py --help | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
@@ -123,7 +125,7 @@ STOP.importing = False
 SCHEMA_VERSION = 1
 # keys that only say where/how often to write; they never change a result, so they stay out of config_hash
 HASH_EXCLUDED_KEYS = {'out_dir', 'init_from', 'overwrite', 'log_interval', 'eval_interval', 'eval_only', 'num_workers',
-                      'cache_dir'}  # where things go and how fast, never what a run computes
+                      'cache_dir', 'deterministic'}  # where things go and how, never what a run computes
 INVOCATION_KEYS = ('out_dir', 'init_from', 'overwrite', 'eval_only')  # on resume: this command's, not the saved run's
 RENAMED_KEYS = {'model': 'arch', 'optimizer': 'opt'}  # old key -> its name now (train_audio/kd.py, train_spoter.py)
 CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple, dict)
@@ -359,14 +361,28 @@ def pick_device(device):
 
 
 def autocast_context(device, dtype):
-    """Returns (resolved dtype name, context manager). 'auto' = bf16 autocast on CUDA where supported, else fp32."""
+    """Returns (resolved dtype name, context manager). 'auto' = bf16 autocast on CUDA GPUs that compute in bf16
+    natively (Ampere and later), else fp32: a V100 or T4 only emulates bf16, slower than fp32."""
     if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
+        native = device.startswith('cuda') and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = 'bfloat16' if native else 'float32'
     if dtype == 'float32':
         return dtype, contextlib.nullcontext()
     if dtype == 'bfloat16' and device.startswith('cuda'):
         return dtype, torch.autocast('cuda', dtype=torch.bfloat16)
     raise UserError(f"dtype={dtype!r} on device {device!r}: expected 'auto', 'float32', or 'bfloat16' on CUDA")
+
+
+def set_kernels(deterministic):
+    """The config key `deterministic`. False (the default): TF32 matmuls and convolutions on Ampere+ GPUs (about
+    3 significant digits per product, much faster) and cuDNN's own kernel choice. True: TF32 off, torch's
+    deterministic algorithms (an op without one stops with torch's error naming it), so a CUDA run repeats and
+    resumes bit for bit on the same GPU and software. The CPU kernels are deterministic either way."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS repeats its sums only with this set
 
 
 def compile_model(model, enabled, backend='inductor'):
@@ -377,6 +393,15 @@ def compile_model(model, enabled, backend='inductor'):
     import torch._dynamo
     torch._dynamo.config.suppress_errors = True
     return torch.compile(model, backend=backend)
+
+
+def workers_import_only_modules():
+    """Call before a DataLoader with workers. Workers started by spawn or forkserver (macOS; Linux from Python
+    3.14) first re-run the main script, and ours are flat module code: each worker would start a training run of
+    its own. With __main__ marked as having no file (as in an interactive session) they import only the modules
+    of what they unpickle: data.py's dataset. Under fork (Linux up to 3.13) nothing changes."""
+    main = sys.modules['__main__']
+    main.__spec__ = main.__file__ = None  # __spec__: run as python -m, workers would re-import it by name
 
 
 def seed_everything(seed):
@@ -398,9 +423,14 @@ def rank_device(local_rank, local_world, visible, torchrun):
                     f"per GPU (torchrun --nproc_per_node={visible}), or one task per GPU (srun --gpus-per-task=1)")
 
 
-def init_distributed(device):
-    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU) and pick this rank's device.
-    Returns (ddp, rank, world_size, device)."""
+DATA_WAIT = datetime.timedelta(days=1)  # how long ranks wait for rank 0's data preparation (rank0_first)
+_WAIT_GROUP = []  # the gloo group rank0_first waits on, made by init_distributed
+
+
+def init_distributed(device, timeout=None):
+    """Under torchrun (RANK set): join the process group (nccl on CUDA, gloo on CPU; collectives time out after
+    `timeout`, torch's default 10 minutes when None) and pick this rank's device. Returns (ddp, rank, world_size,
+    device)."""
     if int(os.environ.get('RANK', -1)) == -1:
         return False, 0, 1, pick_device(device)
     rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
@@ -409,8 +439,34 @@ def init_distributed(device):
         device = rank_device(local_rank, int(os.environ.get('LOCAL_WORLD_SIZE', world_size)),
                              torch.cuda.device_count(), torchrun='TORCHELASTIC_RUN_ID' in os.environ)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', timeout=timeout)
+    sys.excepthook = _excepthook  # torch's own wraps it, buffering its stderr: the error line was lost at sys.exit
+    _WAIT_GROUP[:] = [dist.new_group(backend='gloo', timeout=DATA_WAIT)]
     return True, rank, world_size, device
+
+
+@contextlib.contextmanager
+def rank0_first(ddp, master):
+    """`with rank0_first(ddp, master): <prepare data>`: rank 0 runs the block first (it builds the caches), then
+    the other ranks run it (and find them built). They wait on a gloo group of their own with a timeout of
+    DATA_WAIT, not in a barrier of the process group: a first build on a real corpus can outlast its collective
+    timeout, which kills the job. If rank 0 fails in the block, the others stop at once."""
+    if not ddp:
+        yield
+        return
+    done = [False]
+    if master:
+        try:
+            yield
+            done = [True]
+        finally:  # tell the others, whether the block ran through or raised
+            dist.broadcast_object_list(done, src=0, group=_WAIT_GROUP[0])
+        return
+    dist.broadcast_object_list(done, src=0, group=_WAIT_GROUP[0])
+    if not done[0]:
+        raise SystemExit(f"error: rank 0 stopped while preparing the data (its error is above); rank "
+                         f"{dist.get_rank()} stops too")
+    yield
 
 
 def finish(ddp, stopped=None):
@@ -423,14 +479,21 @@ def finish(ddp, stopped=None):
         sys.exit(130)
 
 
-def stop_requested(ddp, device):
-    """None, or why the run must stop now ('interrupted': Ctrl-C, 'signal': SIGTERM/SIGUSR1); under DDP the same
-    answer on every rank (a collective), so all ranks save at the same step."""
+def step_check(ddp, *values):
+    """The one host sync of a training step, after its backward and before its update: the step's values (loss
+    first) as floats (under DDP their mean over ranks), and why to stop after this step (None, 'signal' or
+    'interrupted', from common.STOP). Under DDP one all_reduce carries both, so every rank gets the same answers:
+    all save at the same step, and a NaN on any rank stops every rank before the update. Doubles: a loss summed
+    over micro-batches in float64 stays the exact sum."""
+    flat = torch.stack([v.detach().double().reshape(()) for v in values])  # (len(values),)
     if not ddp:
-        return STOP.reason
-    t = torch.tensor([(None, 'signal', 'interrupted').index(STOP.reason)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return (None, 'signal', 'interrupted')[int(t.item())]
+        return flat.tolist(), STOP.reason
+    reasons = [STOP.reason == 'interrupted', STOP.reason == 'signal']
+    both = torch.cat([flat, torch.tensor(reasons, dtype=torch.float64, device=flat.device)])
+    dist.all_reduce(both)  # sums: values over ranks, and how many ranks were asked to stop (Ctrl-C first)
+    *totals, interrupted, signalled = both.tolist()
+    reason = 'interrupted' if interrupted else 'signal' if signalled else None
+    return [t / dist.get_world_size() for t in totals], reason
 
 
 def matmul_peak_flops(device, m=4096, k=256, n=1024, repeats=20):
@@ -597,7 +660,8 @@ class RunDir:
         cut = same_run and not config.get('eval_only') and bool(ckpt and ckpt.get('facts'))
         facts = self._cut_back(ckpt['facts'], resumed_from) if cut else None  # checked before anything is written
         notes = [self._move_aside()] if not keep and config.get('overwrite') else []
-        notes += self._remove_stale_tmp()
+        notes += self._remove_stale_tmp() + NOTES
+        NOTES.clear()
         _RUN[:] = [self]  # an OSError from here on also writes an error event
         os.makedirs(out_dir, exist_ok=True)
         self._log = open(os.path.join(out_dir, 'log.txt'), 'a' if keep else 'w')
@@ -867,32 +931,65 @@ def write_atomic(path, data):
         raise
 
 
-def rng_state():
-    """Python, numpy and torch (and CUDA) RNG states, as tensors and plain types so weights_only can load them."""
+def rng_state(device='cpu', **generators):
+    """Python, numpy and torch RNG states, the generator of the one accelerator this process uses (its device name
+    recorded with it) and any named torch.Generator (SPOTER's augmentations), as tensors and plain types so
+    weights_only can load them."""
     np_state = np.random.get_state()
     state = dict(python=random.getstate(), numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                                                   *np_state[2:]], torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+                                                   *np_state[2:]], torch=torch.get_rng_state(), device=device,
+                 generators={name: g.get_state() for name, g in generators.items()})
+    if device.startswith('cuda'):
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    elif device == 'mps':
+        state['mps'] = torch.mps.get_rng_state()
     return state
 
 
-def rng_states_all_ranks(ddp):
+def rng_states_all_ranks(ddp, device='cpu', **generators):
     """One rng_state() per rank (a collective under DDP), so every rank's dropout stream resumes exactly."""
     if not ddp:
-        return [rng_state()]
+        return [rng_state(device, **generators)]
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
+    dist.all_gather_object(states, rng_state(device, **generators))
     return states
 
 
-def set_rng_state(state):
+NOTES = []  # lines for the run's log said before its RunDir exists (a resume's RNG layout); RunDir prints them
+
+
+def set_rng_state(state, device='cpu', **generators):
+    """Restore rng_state()'s output. The accelerator's generator is restored when this process uses the same kind
+    of device (the state of the one it used goes to the one it uses now); otherwise it keeps its seed, said in
+    NOTES. Checkpoints of older versions (no device recorded: every CUDA device's state, or none) load too."""
     random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
     kind, keys, pos, has_gauss, cached = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    for name, g in generators.items():
+        if name in state.get('generators', {}):
+            g.set_state(state['generators'][name])
+    saved = state.get('device', 'cuda' if state.get('cuda') is not None else 'cpu')
+    kind, saved_kind, cuda = device.split(':')[0], saved.split(':')[0], state.get('cuda')
+    if isinstance(cuda, list):  # older checkpoints: one state per visible device, in index order
+        cuda = cuda[int(saved.split(':')[1]) if ':' in saved else 0] if cuda else None
+    if kind == saved_kind == 'cuda' and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    elif kind == saved_kind == 'mps':
+        torch.mps.set_rng_state(state['mps'])
+    elif kind != 'cpu':
+        NOTES.append(f"resume: the checkpoint's RNG states are from {saved}, this run is on {device}: its {device} "
+                     f"generator starts from the seed (dropout differs from an uninterrupted run from here on)")
+
+
+def restore_rng(states, rank, world_size, device, **generators):
+    """This rank's RNG states from a checkpoint's list (rng_states_all_ranks). When the rank count changed, each
+    rank takes rank 0's (a line in the log says so: the random streams differ from an uninterrupted run)."""
+    if len(states) != world_size and rank == 0:
+        NOTES.append(f"resume: the checkpoint holds the RNG states of {len(states)} rank(s), this run has "
+                     f"{world_size}: every rank continues from rank 0's (the random streams, batch order included, "
+                     f"differ from an uninterrupted run)")
+    set_rng_state(states[rank] if len(states) == world_size else states[0], device, **generators)
 
 
 def load_optimizer_state(optimizer, state):

@@ -541,6 +541,19 @@ def pad_clips(clips, indices):
     return poses, pad_mask
 
 
+def gather_clips(frames, offsets, indices):
+    """pad_clips for clips stored end to end (a pose cache's arrays): frames (F, 54, 2) on any device, offsets
+    (n_clips + 1,) int64 numpy. One gather on frames' device, so on a GPU the batch is never built on the host:
+    poses (B, T, 54, 2) and pad_mask (B, T), equal to pad_clips' bit for bit."""
+    indices = np.asarray(indices)
+    starts, lengths = offsets[indices], offsets[indices + 1] - offsets[indices]
+    steps = torch.arange(int(lengths.max()), device=frames.device)  # (T,)
+    starts, lengths = (torch.from_numpy(a).to(frames.device, non_blocking=True) for a in (starts, lengths))
+    pad_mask = steps[None] >= lengths[:, None]  # (B, T)
+    rows = (starts[:, None] + steps[None]).clamp_max(len(frames) - 1)  # (B, T) frame of each slot (any, at padding)
+    return frames[rows].masked_fill(pad_mask[..., None, None], 0.0), pad_mask  # (B, T, 54, 2), padding zeroed
+
+
 # -----------------------------------------------------------------------------
 # pose transforms (train_spoter.py): body/hand normalization and the four augmentations, batched in torch
 # -----------------------------------------------------------------------------

@@ -262,11 +262,29 @@ class SPOTER(nn.Module):
         """poses (B, T, 54, 2), pad_mask (B, T) bool or None -> logits (B, num_classes)."""
         return self.head(self.features(poses, pad_mask)[0])
 
+    def train_flops(self, frames):
+        """Matmul FLOPs of one training step (forward + backward) per clip padded to `frames`: 6 x the multiply-
+        adds, as every matmul's input needs its gradient. Encoder layer per frame: q, k, v, out projections 4d^2 and
+        the MLP 2 d ff, plus scores and mixing 2 T d; decoder layer: the query's projections 2d^2, the memory's keys
+        and values 2 T d^2, the MLP 2 d ff, attention 2 T d; the head d x classes. 0.77 GFLOP at 40 frames."""
+        enc, dec = self.encoder[0], self.decoder[0]
+        d, ff, T = enc.linear1.in_features, enc.linear1.out_features, frames
+        macs = len(self.encoder) * (T * (4 * d * d + 2 * d * ff) + 2 * T * T * d)
+        macs += len(self.decoder) * (2 * d * d + 2 * T * d * d + 2 * d * dec.linear1.out_features + 2 * T * d)
+        return 6 * (macs + d * self.head.out_features)
+
 
 # -----------------------------------------------------------------------------
 # audio (train_audio.py, train_kd.py): TinyCNN, CRNN and TinyCNN-CBAM on log-mel spectrograms (B, 1, n_mels, T),
 # and the distillation loss
 # -----------------------------------------------------------------------------
+
+def conv_stack_flops(n_mels, frames):
+    """Training FLOPs per clip of conv_stack's three 3x3 convs (pools floor the size, as MaxPool2d does)."""
+    h, w = n_mels, frames
+    macs = [9 * 1 * 16 * h * w, 9 * 16 * 32 * (h // 2) * (w // 2), 9 * 32 * 64 * (h // 4) * (w // 4)]
+    return 4 * macs[0] + 6 * (macs[1] + macs[2])
+
 
 def conv_stack(pool_last):
     """Three 3x3 conv + ReLU blocks, 1 -> 16 -> 32 -> 64 channels, max-pool 2 after the first two (and the third)."""
@@ -289,6 +307,11 @@ class TinyCNN(nn.Module):
     def forward(self, x):
         return self.head(self.features(x).mean(dim=(2, 3)))  # (B, 64, F/4, T/4) -> (B, 64) -> (B, num_classes)
 
+    def train_flops(self, n_mels, frames):
+        """Matmul and convolution FLOPs of one training step per clip of (n_mels, frames): 6 x the multiply-adds,
+        but 4 x for the first conv (its input needs no gradient). 45 MFLOP at 64 x 51, 461 MFLOP at 64 x 501 (5 s)."""
+        return conv_stack_flops(n_mels, frames) + 6 * 64 * self.head.out_features
+
 
 class CRNN(nn.Module):
     """The teacher: TinyCNN's convs -> mean over frequency -> a 2-layer GRU over time -> the last step (or the mean
@@ -305,8 +328,17 @@ class CRNN(nn.Module):
 
     def forward(self, x):
         x = self.features(x).mean(dim=2).transpose(1, 2)  # (B, 64, F/4, T/4) -> (B, T/4, 64)
-        out, _ = self.rnn(x)  # (B, T/4, hidden)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run cuDNN's GRU in fp16, unscaled: fp32
+            out, _ = self.rnn(x.float())  # (B, T/4, hidden)
         return self.head(out[:, -1] if self.rnn_pool == 'last' else out.mean(dim=1))
+
+    def train_flops(self, n_mels, frames):
+        """TinyCNN's convs, then the GRU: per step and layer 3 gates of (input + hidden) x hidden multiply-adds,
+        6 x in training less the gradient of the zero initial state; the head. 49 MFLOP at 64 x 51."""
+        h, steps, layers = self.rnn.hidden_size, frames // 4, self.rnn.num_layers
+        per_step = 3 * h * (self.rnn.input_size + h + (layers - 1) * 2 * h)  # (B, T/4, 64) in, every layer
+        gru = 6 * steps * per_step - 2 * layers * 3 * h * h  # no gradient for the initial state h0 = 0
+        return conv_stack_flops(n_mels, frames) + gru + 6 * h * self.head.out_features
 
 
 class CBAM(nn.Module):
@@ -319,6 +351,12 @@ class CBAM(nn.Module):
         hidden = max(1, channels // reduction)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels))
         self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def train_flops(self, height, width):
+        """Training FLOPs per clip at a (height, width) map: the channel MLP twice (average and max), the 2 -> 1
+        spatial conv."""
+        mlp = 2 * sum(layer.in_features * layer.out_features for layer in self.mlp[::2])
+        return 6 * (mlp + self.spatial.weight.numel() * height * width)
 
     def forward(self, x):
         gate = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))  # (B, C)
@@ -333,6 +371,9 @@ class TinyCNN_CBAM(TinyCNN):
     def __init__(self, num_classes=3, reduction=8, kernel_size=7):
         super().__init__(num_classes)
         self.features.insert(6, CBAM(32, reduction, kernel_size))  # after conv, relu, pool, conv, relu, pool
+
+    def train_flops(self, n_mels, frames):
+        return super().train_flops(n_mels, frames) + self.features[6].train_flops(n_mels // 4, frames // 4)
 
 
 def audio_model(arch, num_classes=3, cbam_reduction=8, cbam_kernel=7, rnn_pool='last'):
@@ -429,6 +470,20 @@ class BetaVAE(nn.Module):
         h = self.decoder_fc(z).view(z.size(0), 64, self.side, self.side)  # (B, 64, S/16, S/16)
         return self.decoder(h)
 
+    def train_flops(self):
+        """Training FLOPs per image: the convs (multiply-adds at each output pixel; a transposed conv's at each input
+        pixel) and linears, 6 x, but 4 x for the first conv (the one-hot input needs no gradient). 102 MFLOP at
+        64 x 64, 2 classes."""
+        macs, side = [], self.side * 16
+        for conv in self.encoder[:8:2]:
+            side //= 2
+            macs.append(conv.weight.numel() * side * side)
+        for deconv in self.decoder[::2]:
+            macs.append(deconv.weight.numel() * side * side)
+            side *= 2
+        linears = [m for m in (*self.encoder, *self.decoder_fc) if isinstance(m, nn.Linear)]
+        return 4 * macs[0] + 6 * (sum(macs[1:]) + sum(m.weight.numel() for m in linears))
+
     def forward(self, images):
         """-> (logits (B, C, S, S), mu, logvar). Training: z ~ q(z|x) by reparameterisation; eval: z = mu."""
         mu, logvar = self.encode(images)
@@ -523,6 +578,13 @@ class TCDiscriminator(nn.Module):
             layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
             width = hidden
         self.net = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def train_flops(self):
+        """Training FLOPs per code of train_vae.py's step: the VAE's loss runs it on z (6 x the multiply-adds, z needs
+        its gradient), discriminator_loss on the detached z and on the permuted codes (6 x, less the first layer's
+        input gradient, each). 5.9 MFLOP at 256 wide, 10 latents."""
+        macs = [m.weight.numel() for m in self.net if isinstance(m, nn.Linear)]
+        return 6 * sum(macs) + 2 * (6 * sum(macs) - 2 * macs[0])
 
     def forward(self, z):
         return self.net(z).squeeze(1)

@@ -17,9 +17,9 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, fields, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks,
-                    seed_everything, set_rng_state, start_from, step_line, stop_requested,
-                    write_atomic)  # first: its stop signals cover the slow imports below
+                    init_distributed, load_checkpoint, load_optimizer_state, rank0_first, restore_rng,
+                    rng_states_all_ranks, seed_everything, set_kernels, start_from, step_check, step_line,
+                    workers_import_only_modules, write_atomic)  # first: its stop signals cover the slow imports below
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,9 @@ log_interval = 10  # print a progress line every this many steps inside an epoch
 # system
 seed = AUDIO_RECIPE['seed']  # seed 001's seed
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+dtype = 'auto'  # 'auto' (bf16 autocast on GPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
 compile = False  # torch.compile the model (falls back to eager where compilation fails)
+deterministic = False  # True: deterministic CUDA kernels, TF32 off (GPU runs repeat bit for bit; slower); CPU always
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -95,22 +96,19 @@ if cbam_kernel % 2 == 0:
 ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
 dtype, autocast = autocast_context(device, dtype)
+set_kernels(deterministic)
 seed_everything(seed + rank)
 
-# data: WAVs + manifest (or waveform arrays) -> one HDF5 cache of log-mel spectrograms per split (rank 0 builds)
-if not manifest and not data:
-    manifest = write_sleep_sounds(os.path.join(cache_dir, 'sleep_sounds'), builtin_clips, seed=0) if master else \
-        os.path.join(cache_dir, 'sleep_sounds', 'manifest.csv')
+# data: WAVs + manifest (or waveform arrays) -> one HDF5 cache of log-mel spectrograms per split
 features = {k: config[k] for k in AUDIO_FEATURES}
-if master:
-    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data)
-if ddp:
-    torch.distributed.barrier()  # the other ranks find rank 0's finished caches
-if not master:
-    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data,
-                                                log=lambda *a: None)
+with rank0_first(ddp, master):  # rank 0 writes the sounds and builds the caches; the other ranks find them
+    log = print if master else lambda *a: None
+    if not manifest and not data:
+        manifest = write_sleep_sounds(os.path.join(cache_dir, 'sleep_sounds'), builtin_clips, seed=0, log=log)
+    cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data, log=log)
 splits = {name: SpectrogramCache(path) for name, path in cache_paths.items()}
 mean, std = (splits['train'].mean, splits['train'].std) if input_norm == 'train_stats' else (0.0, 1.0)
+workers_import_only_modules()  # workers started by spawn/forkserver must not re-run this file
 loader_args = dict(num_workers=num_workers, pin_memory=device.startswith('cuda'), persistent_workers=num_workers > 0)
 
 # model (+ resume): the architecture keys are the checkpoint's (start_from)
@@ -124,8 +122,7 @@ epoch, step_in_epoch, best_f1, since_best, sums = 0, 0, -1.0, 0, {}
 if ckpt:
     model.load_state_dict(ckpt['model_state_dict'])
     load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
-    states = ckpt['rng_state']
-    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    restore_rng(ckpt['rng_state'], rank, world_size, device)
     epoch, step_in_epoch, best_f1, since_best, sums = (ckpt[k] for k in ('epoch', 'step_in_epoch', 'best_metric',
                                                                        'since_best', 'epoch_sums'))
 raw_model = model  # the un-compiled, un-wrapped module: evaluated and saved
@@ -163,22 +160,24 @@ class EpochBatches:
 def evaluate(split):
     """Loss, accuracy, macro-F1 and the confusion matrix of a whole split (eval mode, fixed order)."""
     raw_model.eval()
-    loss, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for x, y in DataLoader(splits[split], batch_size=batch_size, **loader_args):
-        x, y = (x.to(device) - mean) / std, y.to(device)
+    loss, confusion = torch.zeros((), dtype=torch.float64, device=device), torch.zeros(num_classes, num_classes,
+                                                                                       dtype=torch.int64, device=device)
+    for x, y in eval_loaders[split]:  # on the device until the end: no host sync per batch
+        x, y = (x.to(device, non_blocking=True) - mean) / std, y.to(device, non_blocking=True)
         with autocast:
             logits = raw_model(x).float()
-        loss += F.cross_entropy(logits, y, weight=loss_weights, reduction='sum').item()
-        confusion += confusion_matrix(logits.argmax(-1).cpu(), y.cpu(), num_classes)
+        loss += F.cross_entropy(logits, y, weight=loss_weights, reduction='sum').double()
+        confusion += confusion_matrix(logits.argmax(-1), y, num_classes)
     raw_model.train()
+    confusion = confusion.cpu()
     weight_sum = (loss_weights.cpu() * confusion.sum(1)).sum().item()  # the weighted mean's denominator
     accuracy = confusion.diagonal().sum().item() / confusion.sum().item()
-    return {f'{split}/loss': loss / weight_sum, f'{split}/acc': accuracy, f'{split}/macro_f1': macro_f1(confusion)}, \
+    return {f'{split}/loss': loss.item() / weight_sum, f'{split}/acc': accuracy, f'{split}/macro_f1': macro_f1(confusion)}, \
         confusion
 
 
 def checkpoint(names, metrics):
-    rng = rng_states_all_ranks(ddp)
+    rng = rng_states_all_ranks(ddp, device)
     if master:
         for name in names:
             run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch,
@@ -193,6 +192,7 @@ def checkpoint(names, metrics):
 # -----------------------------------------------------------------------------
 steps_per_epoch = len(splits['train']) // (sampler.batch_size * world_size)  # the ragged tail differs every epoch
 train_loader = DataLoader(splits['train'], batch_sampler=EpochBatches(), **loader_args)
+eval_loaders = {name: DataLoader(splits[name], batch_size=batch_size, **loader_args) for name in splits if name != 'train'}
 t_start, stopped, reason = time.time(), None, 'max_epochs'
 clock = Clock(epoch * steps_per_epoch + step_in_epoch, max_epochs * steps_per_epoch)  # elapsed and ETA, in steps
 while epoch < max_epochs and since_best < patience:
@@ -200,7 +200,7 @@ while epoch < max_epochs and since_best < patience:
     sums = sums or {'loss': 0.0, 'seen': 0, 'data_s': 0.0, 'step_s': 0.0}  # kept over a stop
     batches = iter(train_loader)
     while step_in_epoch < steps_per_epoch:
-        if (stopped := stop_requested(ddp, device)):  # Ctrl-C, SIGTERM: save mid-epoch; resume continues exactly
+        if stopped:  # Ctrl-C, SIGTERM (seen by the last step's check): save mid-epoch; resume continues exactly
             break
         t_step = time.time()
         x, y = next(batches)
@@ -209,22 +209,23 @@ while epoch < max_epochs and since_best < patience:
         with autocast:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=loss_weights)
-        if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
-            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
-            raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
         loss.backward()
+        (loss_value,), stopped = step_check(ddp, loss)  # the step's one host sync (under DDP: all ranks' mean)
+        if not math.isfinite(loss_value):  # stop before a bad step reaches the weights or a checkpoint
+            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss_value}")
+            raise SystemExit(f"error: training loss is {loss_value} at epoch {epoch}; last.pt kept as it was")
         if grad_clip > 0.0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_in_epoch += 1
-        sums['loss'] += loss.item() * len(y)
+        sums['loss'] += loss_value * len(y)
         sums['seen'] += len(y)
         step_times.append(time.time() - t_step)
         sums['step_s'] += step_times[-1]
         if step_in_epoch % log_interval == 0 and step_in_epoch < steps_per_epoch:  # progress inside a long epoch
             where = f"epoch {epoch + 1}/{max_epochs} | step {step_in_epoch}/{steps_per_epoch}"
-            run.print(step_line(where, loss.item(), learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
+            run.print(step_line(where, loss_value, learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
                                 clock(epoch * steps_per_epoch + step_in_epoch)))
             step_times = []
     if stopped:

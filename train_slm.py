@@ -17,9 +17,9 @@ import os
 import time
 
 from common import (Clock, MFU, RunDir, UserError, autocast_context, compile_model, configure, fields, finish,
-                    init_distributed, load_optimizer_state, rng_states_all_ranks, seed_everything,
-                    set_rng_state, start_from, step_line,
-                    stop_requested)  # first: its stop signals cover the slow imports below
+                    init_distributed, load_optimizer_state, rank0_first, restore_rng, rng_states_all_ranks,
+                    seed_everything, set_kernels, start_from, step_check,
+                    step_line)  # first: its stop signals cover the slow imports below
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -68,8 +68,9 @@ hooks = []  # learning-dynamics hooks, e.g. ['act_stats', 'attn_entropy', 'grad_
 # system
 seed = 1337  # seeds init, dropout and batch order; rank r of a DDP run uses seed + r for dropout
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+dtype = 'auto'  # 'auto' (bf16 autocast on GPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
 compile = False  # torch.compile the model (falls back to eager where compilation fails)
+deterministic = False  # True: deterministic CUDA kernels, TF32 off (GPU runs repeat bit for bit; slower); CPU always
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -83,14 +84,15 @@ config['hooks'] = hooks = hooklib.resolve(hooks)  # the resolved list enters con
 hookset = hooklib.Hooks(hooks)
 ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 dtype, autocast = autocast_context(device, dtype)
+set_kernels(deterministic)
 seed_everything(seed + rank)
 
 # data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
 stride = stride or block_size
 tokenizer = CharTokenizer()
-data_dir, meta = prepare_text(dataset, cache_dir)
+with rank0_first(ddp, master):  # rank 0 tokenizes; the other ranks find the token files
+    data_dir, meta = prepare_text(dataset, cache_dir, log=print if master else lambda *a: None)
 train_bin, val_bin = os.path.join(data_dir, 'train.bin'), os.path.join(data_dir, 'val.bin')
 train_starts = window_starts(meta['train_tokens'], block_size, stride)
 val_starts = window_starts(meta['val_tokens'], block_size, block_size)
@@ -121,8 +123,7 @@ if ckpt:
     load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
     sampler.load_state_dict(ckpt['sampler'])
     hookset.load_state_dict(ckpt['hooks_state'])
-    states = ckpt['rng_state']
-    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    restore_rng(ckpt['rng_state'], rank, world_size, device)
     iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_metric']
 start_iter = iter_num
 raw_model = model  # the un-compiled, un-wrapped module: evaluated, sampled and saved
@@ -166,23 +167,23 @@ def get_lr(it):
 def evaluate():
     """Mean val loss over the fixed eval windows, the forward hooks' statistics, and one fixed-seed sample."""
     raw_model.eval()
-    total, count, stats = 0.0, 0, {}
+    total, count, stats = torch.zeros((), dtype=torch.float64, device=device), 0, {}  # on the device: no sync a batch
     for i in range(0, len(eval_windows), batch_size):
         x, y = (t.to(device) for t in get_batch(val_bin, eval_windows[i:i + batch_size], block_size))
         with autocast:
             logits, batch_stats = hookset.record(raw_model, lambda: raw_model(x)) if i == 0 else (raw_model(x), {})
-            total += lm_loss(logits, y).item() * len(x)
+            total += lm_loss(logits, y).double() * len(x)
         count, stats = count + len(x), stats or batch_stats
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = torch.tensor([tokenizer.encode(sample_prompt)], device=device)
     text = tokenizer.decode(raw_model.generate(prompt, sample_tokens, generator=generator)[0].tolist())
     raw_model.train()
-    return total / count, stats, text
+    return total.item() / count, stats, text
 
 
 def checkpoint(names, metrics):
     """Save the whole state (every rank's RNG included, so this is a collective under DDP) to out_dir/<name>."""
-    rng = rng_states_all_ranks(ddp)
+    rng = rng_states_all_ranks(ddp, device)
     if master:
         for name in names:
             run.save_checkpoint(name, iter_num=iter_num, epoch=sampler.epoch,
@@ -220,7 +221,7 @@ while True:
         train_losses = []
     if at_end:
         break
-    if (stopped := stop_requested(ddp, device)):  # Ctrl-C, SIGTERM: save where we are; resume continues exactly
+    if stopped:  # Ctrl-C, SIGTERM (seen by the last step's check): save where we are; resume continues exactly
         checkpoint(['last.pt'], {})
         run.end(stopped, f"iter {iter_num}/{max_iters}", iter=iter_num, best_val_loss=best_val_loss)
         break
@@ -230,14 +231,15 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    step_loss = 0.0
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per micro-step
     for micro_step in range(gradient_accumulation_steps):
         x, y = (t.to(device, non_blocking=True) for t in get_batch(train_bin, train_starts[sampler.next()], block_size))
         last_micro = micro_step == gradient_accumulation_steps - 1
         with (model.no_sync() if ddp and not last_micro else contextlib.nullcontext()), autocast:
             loss = lm_loss(model(x), y) / gradient_accumulation_steps  # the mean over all micro-batches
         loss.backward()
-        step_loss += loss.item()
+        step_loss += loss.detach().double()
+    (step_loss,), stopped = step_check(ddp, step_loss)  # the step's one host sync (under DDP: all ranks' mean)
     if not math.isfinite(step_loss):  # stop before a bad step reaches the weights or a checkpoint
         run.event('error', iter=iter_num, message=f"training loss is {step_loss}")
         raise SystemExit(f"error: training loss is {step_loss} at iter {iter_num}; stopped, last.pt kept as it was")

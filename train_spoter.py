@@ -18,8 +18,8 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_states_all_ranks,
-                    seed_everything, set_rng_state, start_from, step_line, stop_requested,
+                    init_distributed, load_checkpoint, load_optimizer_state, rank0_first, restore_rng,
+                    rng_states_all_ranks, seed_everything, set_kernels, start_from, step_check, step_line,
                     write_atomic)  # first: its stop signals cover the slow imports below
 import h5py
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (WindowSampler, augment_poses, load_pose_cache, normalize_poses, pad_clips, pose_cache,
+from data import (WindowSampler, augment_poses, gather_clips, load_pose_cache, normalize_poses, pose_cache,
                   resolve_label_offset, write_sign_csvs)
 from model import SPOTER
 
@@ -67,8 +67,9 @@ log_interval = 50  # print a progress line every this many steps inside an epoch
 # system
 seed = 379  # the original's seed
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
-dtype = 'auto'  # 'auto' (bf16 autocast on CUDA, else fp32) | 'float32' | 'bfloat16'
+dtype = 'auto'  # 'auto' (bf16 autocast on GPUs with native bf16, else fp32) | 'float32' | 'bfloat16'
 compile = False  # torch.compile the model (falls back to eager where compilation fails)
+deterministic = False  # True: deterministic CUDA kernels, TF32 off (GPU runs repeat bit for bit; slower); CPU always
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -89,23 +90,30 @@ if eval_only and not test_csv:
 ddp, rank, world_size, device = init_distributed(device)
 master = rank == 0
 dtype, autocast = autocast_context(device, dtype)
+set_kernels(deterministic)
 seed_everything(seed + rank)
 
 # data: SPOTER CSVs -> HDF5 cache -> clips of (T, 54, 2) raw coordinates; labels shifted to 0-based
-if not train_csv and not eval_only:
-    if num_classes not in (0, builtin_classes) and not ckpt:  # a config for real data, run without its CSVs
-        raise UserError(f"num_classes={num_classes} but no train_csv was given, and the built-in signs have "
-                        f"builtin_classes={builtin_classes}: give --train_csv, --val_csv and --test_csv (the "
-                        f"config's first comment names the files), or --num_classes=0 for the built-in signs")
-    train_csv, val_csv, test_csv = write_sign_csvs(os.path.join(cache_dir, 'spoter_signs'), builtin_classes, seed=0)
+if not train_csv and not eval_only and num_classes not in (0, builtin_classes) and not ckpt:  # real data's config
+    raise UserError(f"num_classes={num_classes} but no train_csv was given, and the built-in signs have "
+                    f"builtin_classes={builtin_classes}: give --train_csv, --val_csv and --test_csv (the "
+                    f"config's first comment names the files), or --num_classes=0 for the built-in signs")
+with rank0_first(ddp, master):  # rank 0 writes the built-in CSVs and the pose caches; the other ranks find them
+    log = print if master else lambda *a: None
+    if not train_csv and not eval_only:
+        train_csv, val_csv, test_csv = write_sign_csvs(os.path.join(cache_dir, 'spoter_signs'), builtin_classes,
+                                                       seed=0, log=log)
+    caches = {path: pose_cache(path, cache_dir, log=log) for path in ((test_csv,) if eval_only else
+                                                                      (train_csv, val_csv, test_csv)) if path}
 
 
 def load_split(csv_path, offset, n_classes):
-    """-> (list of (T, 54, 2) float32 clips, 0-based int64 labels, offset used, clips skipped as all-missing)."""
-    frames, offsets, labels, skipped = load_pose_cache(pose_cache(csv_path, cache_dir))
+    """-> (list of (T, 54, 2) float32 clips, 0-based int64 labels, offset used, clips skipped as all-missing,
+    (frames (F, 54, 2) on the device, offsets (n + 1,)) for gather_clips)."""
+    frames, offsets, labels, skipped = load_pose_cache(caches[csv_path])
     labels, offset = resolve_label_offset(labels, offset, n_classes, csv_path)
     clips = [frames[offsets[i]:offsets[i + 1]] for i in range(len(labels))]
-    return clips, labels, offset, skipped
+    return clips, labels, offset, skipped, (torch.from_numpy(frames).to(device), offsets)
 
 
 splits = {}
@@ -140,7 +148,7 @@ if opt == 'adamw':
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 else:
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
-augment_generator = torch.Generator().manual_seed(seed + rank)  # its state is checkpointed: resume is exact
+augment_generator = torch.Generator().manual_seed(seed + rank)  # each rank's state is checkpointed: resume is exact
 n_train = len(splits['train'][0]) if 'train' in splits else 0
 lengths = [len(c) for c in splits['train'][0]] if n_train and bucket_by_length else None
 sampler = WindowSampler(n_train, batch_size, seed, rank, world_size, lengths) if n_train else None
@@ -148,9 +156,9 @@ epoch, step_in_epoch, best_val_acc, history = 0, 0, -1.0, {}
 if ckpt and not eval_only:
     load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
     sampler.load_state_dict(ckpt['sampler'])
-    augment_generator.set_state(ckpt['augment_generator'])
-    states = ckpt['rng_state']
-    set_rng_state(states[rank] if len(states) == world_size else states[0])
+    if 'augment_generator' in ckpt:  # older checkpoints: rank 0's generator, outside the RNG states
+        augment_generator.set_state(ckpt['augment_generator'])
+    restore_rng(ckpt['rng_state'], rank, world_size, device, augment=augment_generator)
     epoch, step_in_epoch, best_val_acc, history = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['best_metric'], \
         ckpt['epoch_sums']
 raw_model = model  # the un-compiled, un-wrapped module: evaluated and saved
@@ -164,7 +172,7 @@ run = RunDir(out_dir, config, ckpt, resume_path, changed, master=master, device=
                                                            ('test', test_csv)) if v})
 run.write_text('model.txt', f"{raw_model}\nparameters: {sum(p.numel() for p in params):,}\n")
 run.event('start', epoch=epoch, resumed_from=resume_path, config_hash=run.config_hash, eval_only=eval_only)
-for name, (clips, labels, offset, skipped) in splits.items():
+for name, (clips, labels, offset, skipped, _) in splits.items():
     run.print(f"{name}: {len(clips):,} clips | {num_classes} classes | label offset {offset} | "
               f"{skipped} all-missing clips skipped")
 if sampler and sampler.batch_size < batch_size:
@@ -174,10 +182,9 @@ run.print(f"model: {sum(p.numel() for p in params):,} parameters | device {devic
           f"world {world_size}")
 
 
-def collate(clips, indices):
-    """data.pad_clips, moved to the training device."""
-    poses, pad_mask = pad_clips(clips, indices)
-    return poses.to(device, non_blocking=True), pad_mask.to(device, non_blocking=True)
+def collate(split, indices):
+    """The clips `indices` of a split, padded to the longest, on the device: poses (B, T, 54, 2), pad_mask (B, T)."""
+    return gather_clips(*splits[split][4], indices)
 
 
 @torch.no_grad()
@@ -187,7 +194,7 @@ def evaluate(split, batch=64):
     clips, labels, *_ = splits[split]
     probs = []
     for start in range(0, len(clips), batch):
-        poses, pad_mask = collate(clips, range(start, min(start + batch, len(clips))))
+        poses, pad_mask = collate(split, range(start, min(start + batch, len(clips))))
         with autocast:
             probs.append(F.softmax(raw_model(normalize_poses(poses, pad_mask), pad_mask).float(), dim=-1).cpu())
     raw_model.train()
@@ -217,13 +224,13 @@ def write_test_report(probs, name):
 
 
 def checkpoint(names, metrics):
-    rng = rng_states_all_ranks(ddp)
+    rng = rng_states_all_ranks(ddp, device, augment=augment_generator)
     if master:
         for name in names:
             run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch,
                                 model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
                                 args=config, model_args=model_args, sampler=sampler.state_dict(),
-                                augment_generator=augment_generator.get_state(), rng_state=rng, metrics=metrics,
+                                rng_state=rng, metrics=metrics,
                                 best_metric=best_val_acc, epoch_sums=history,
                                 label_offset=label_offset)
 
@@ -240,7 +247,7 @@ if eval_only:
         with torch.no_grad():
             raw_model.eval()
             for i, clip in enumerate(clips):
-                poses, pad_mask = collate(clips, [i])
+                poses, pad_mask = collate('test', [i])
                 f, a = raw_model.features(normalize_poses(poses, pad_mask), pad_mask)
                 feats.append(f[0].float().cpu().numpy())
                 attention[i, :len(clip)] = a[0].float().cpu().numpy()
@@ -257,48 +264,50 @@ if eval_only:
 # training loop: epochs of shuffled, padded batches; eval + checkpoints at the end of each epoch
 # -----------------------------------------------------------------------------
 steps_per_epoch = n_train // (sampler.batch_size * world_size)  # every rank takes the same number of steps
-train_clips, train_labels, *_ = splits['train']
+train_labels = torch.from_numpy(splits['train'][1]).to(device)  # (N,) on the device, indexed per batch
 t_start, stopped = time.time(), None
 clock = Clock(epoch * steps_per_epoch + step_in_epoch, max_epochs * steps_per_epoch)  # elapsed and ETA, in steps
 while epoch < max_epochs:
     t_epoch, step_times = time.time(), []
     sums = history or {'loss': 0.0, 'correct': 0, 'seen': 0, 'data_s': 0.0, 'step_s': 0.0}  # kept over a stop
     while step_in_epoch < steps_per_epoch:
-        if (stopped := stop_requested(ddp, device)):  # Ctrl-C, SIGTERM: save mid-epoch; resume continues exactly
-            history = sums
+        if stopped:  # Ctrl-C, SIGTERM (seen by the last step's check): save mid-epoch; resume continues exactly
             break
         t_step = time.time()
         indices = sampler.next()
-        poses, pad_mask = collate(train_clips, indices)
+        poses, pad_mask = collate('train', indices)
         if augment:  # on the raw [0,1] coordinates, as the original does
             poses = augment_poses(poses, pad_mask, augment_generator)
         poses = normalize_poses(poses, pad_mask)
         poses = poses + noise_std * torch.randn_like(poses)
-        targets = torch.from_numpy(train_labels[indices]).to(device)
+        targets = train_labels[torch.from_numpy(indices).to(device, non_blocking=True)]
         sums['data_s'] += time.time() - t_step
         with autocast:
             logits = model(poses, pad_mask)
             loss = F.cross_entropy(logits.float(), targets)
-        if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
-            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
-            raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
         loss.backward()
+        correct = (logits.argmax(-1) == targets).sum()
+        (loss_value, correct), stopped = step_check(ddp, loss, correct)  # the step's one host sync
+        if not math.isfinite(loss_value):  # stop before a bad step reaches the weights or a checkpoint
+            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss_value}")
+            raise SystemExit(f"error: training loss is {loss_value} at epoch {epoch}; last.pt kept as it was")
         if grad_clip > 0.0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_in_epoch += 1
-        sums['loss'] += loss.item() * len(indices)
-        sums['correct'] += (logits.argmax(-1) == targets).sum().item()
+        sums['loss'] += loss_value * len(indices)
+        sums['correct'] += correct  # under DDP the mean over ranks: train/acc is that of every rank's clips
         sums['seen'] += len(indices)
         step_times.append(time.time() - t_step)
         sums['step_s'] += step_times[-1]
         if step_in_epoch % log_interval == 0 and step_in_epoch < steps_per_epoch:  # progress inside a long epoch
             where = f"epoch {epoch + 1}/{max_epochs} | step {step_in_epoch}/{steps_per_epoch}"
-            run.print(step_line(where, loss.item(), learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
+            run.print(step_line(where, loss_value, learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
                                 clock(epoch * steps_per_epoch + step_in_epoch)))
             step_times = []
     if stopped:
+        history = sums  # a stopped epoch's sums carry on
         checkpoint(['last.pt'], {})
         run.end(stopped, f"epoch {epoch + 1}/{max_epochs}, step {step_in_epoch}/{steps_per_epoch}", epoch=epoch,
                 best_val_acc=best_val_acc)

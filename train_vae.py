@@ -22,8 +22,8 @@ import os
 import time
 
 from common import (Clock, RunDir, UserError, autocast_context, compile_model, configure, epoch_line, fields, finish,
-                    init_distributed, load_checkpoint, load_optimizer_state, rng_state,
-                    seed_everything, set_rng_state, start_from, step_line, stop_requested,
+                    init_distributed, load_checkpoint, load_optimizer_state, rng_state, seed_everything,
+                    set_kernels, set_rng_state, start_from, step_check, step_line,
                     write_atomic)  # first: its stop signals cover the slow imports below
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ seed = 1337  # model init, data split, batch order, sampling noise
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
 dtype = 'float32'  # 'float32' | 'bfloat16' (CUDA autocast) | 'auto'
 compile = False  # torch.compile the model (falls back to eager where compilation fails)
+deterministic = False  # True: deterministic CUDA kernels, TF32 off (GPU runs repeat bit for bit; slower); CPU always
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -99,6 +100,7 @@ ddp, _, _, device = init_distributed(device)
 if ddp:
     raise UserError("train_vae.py runs in one process: launch it with python, not torchrun")
 dtype, autocast = autocast_context(device, dtype)
+set_kernels(deterministic)
 max_epochs = 5 if quick_test else max_epochs
 seed_everything(seed)
 
@@ -143,7 +145,7 @@ if discriminator is not None:
 epoch, step_in_epoch, iter_num, best_val_loss, history = 0, 0, 0, math.inf, {}
 if ckpt and not eval_only:
     load_optimizer_state(optimizer, ckpt['optimizer_state_dict'])  # moments from the file, hyperparameters from config
-    set_rng_state(ckpt['rng_state'])
+    set_rng_state(ckpt['rng_state'], device)
     epoch, step_in_epoch, iter_num = ckpt['epoch'], ckpt['step_in_epoch'], ckpt['iter_num']
     best_val_loss, history = ckpt['best_metric'], ckpt['epoch_sums']
 raw_model = model  # the un-compiled module: evaluated, drawn and saved
@@ -171,8 +173,14 @@ run.print(f"class pixel shares {np.round(counts / counts.sum(), 4).tolist()} | c
 run.print(f"model: {n_params:,} parameters | objective {objective} | device {device} | dtype {dtype}")
 
 
+# the whole data set on the GPU when it takes under a quarter of its free memory: batches are gathered there
+on_gpu = device.startswith('cuda') and images.nbytes < torch.cuda.mem_get_info(device)[0] // 4
+images_t = torch.from_numpy(images).to(device if on_gpu else 'cpu')  # (N, S, S) class ids, the file's dtype
+
+
 def batch_of(indices):
-    return torch.from_numpy(images[indices]).long().to(device)  # (B, S, S) class ids
+    rows = torch.from_numpy(np.asarray(indices)).to(images_t.device, non_blocking=True)
+    return images_t[rows].to(device, non_blocking=True).long()  # (B, S, S) class ids
 
 
 def kl_target():
@@ -190,21 +198,22 @@ def evaluate(indices, chunk=256):
     """Val metrics in eval mode (z = mu, no sampling): loss terms, KL per latent, pixel accuracy, per-class
     recall, foreground IoU (pixels of any class > 0, predicted vs true)."""
     raw_model.eval()
-    recon_sum, kl_sum = 0.0, torch.zeros(raw_model.latent_dim)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    recon_sum = torch.zeros((), dtype=torch.float64, device=device)  # sums stay on the device: no sync per chunk
+    kl_sum = torch.zeros(raw_model.latent_dim, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     valid = torch.from_numpy(mask > 0).to(device)
     for start in range(0, len(indices), chunk):
         x = batch_of(indices[start:start + chunk])
         with autocast:
             logits, mu, logvar = raw_model(x)
-        recon_sum += reconstruction_loss(logits, x).sum().item()
-        kl_sum += kl_per_dim(mu.float(), logvar.float()).sum(0).cpu()
+        recon_sum += reconstruction_loss(logits, x).sum().double()
+        kl_sum += kl_per_dim(mu.float(), logvar.float()).sum(0)
         pairs = (x * num_classes + logits.argmax(1))[:, valid]  # true * num_classes + predicted, real pixels only
-        confusion += torch.bincount(pairs.reshape(-1), minlength=num_classes * num_classes).cpu()
+        confusion += torch.bincount(pairs.reshape(-1), minlength=num_classes * num_classes)
     raw_model.train()
-    confusion = confusion.view(num_classes, num_classes).double()  # rows: true class, columns: predicted
-    kl_dims = kl_sum / len(indices)
-    recon, kl = recon_sum / len(indices), kl_dims.sum().item()
+    confusion = confusion.cpu().view(num_classes, num_classes).double()  # rows: true class, columns: predicted
+    kl_dims = kl_sum.cpu() / len(indices)
+    recon, kl = recon_sum.item() / len(indices), kl_dims.sum().item()
     fg_both, fg_true, fg_pred = confusion[1:, 1:].sum(), confusion[1:].sum(), confusion[:, 1:].sum()
     metrics = {'val/loss': vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma),
                'val/recon': recon, 'val/kl': kl, 'val/active_dims': int((kl_dims > 0.05).sum()),
@@ -309,7 +318,7 @@ def checkpoint(names, metrics):
     for name in names:
         run.save_checkpoint(name, epoch=epoch, step_in_epoch=step_in_epoch, iter_num=iter_num,
                             model_state_dict=raw_model.state_dict(), optimizer_state_dict=optimizer.state_dict(),
-                            args=config, model_args=model_args, rng_state=rng_state(), metrics=metrics,
+                            args=config, model_args=model_args, rng_state=rng_state(device), metrics=metrics,
                             best_metric=best_val_loss, epoch_sums=history,
                             discriminator_state_dict=discriminator and discriminator.state_dict(),
                             disc_optimizer_state_dict=discriminator and disc_optimizer.state_dict())
@@ -341,8 +350,7 @@ while epoch < max_epochs:
     t_epoch, step_times = time.time(), []
     sums = {'loss': 0.0, 'recon': 0.0, 'kl': 0.0, 'tc': 0.0, 'steps': 0, 'data_s': 0.0, 'step_s': 0.0} | history
     while step_in_epoch < steps_per_epoch:
-        if (stopped := stop_requested(False, device)):  # Ctrl-C, SIGTERM: save mid-epoch; resume continues exactly
-            history = sums  # a stopped epoch's sums carry on
+        if stopped:  # Ctrl-C, SIGTERM (seen by the last step's check): save mid-epoch; resume continues exactly
             break
         t_step = time.time()
         x = batch_of(train_idx[sampler.next()])
@@ -358,10 +366,11 @@ while epoch < max_epochs:
             z = reparameterize(mu.float(), logvar.float())  # (B, D)
             tc = discriminator(z).mean()
         loss = vae_objective(recon, kl, objective, beta, kl_target(), capacity_gamma, tc, factor_gamma)
-        if not math.isfinite(loss.item()):  # stop before a bad step reaches the weights or a checkpoint
-            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {loss.item()}")
-            raise SystemExit(f"error: training loss is {loss.item()} at epoch {epoch}; last.pt kept as it was")
         loss.backward()
+        values, stopped = step_check(False, loss, recon, kl, tc)  # the step's one host sync
+        if not math.isfinite(values[0]):  # stop before a bad step reaches the weights or a checkpoint
+            run.event('error', epoch=epoch, step=step_in_epoch, message=f"training loss is {values[0]}")
+            raise SystemExit(f"error: training loss is {values[0]} at epoch {epoch}; last.pt kept as it was")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if discriminator is not None:  # then the discriminator learns from the same codes (its grads from loss dropped)
@@ -369,17 +378,18 @@ while epoch < max_epochs:
             discriminator_loss(discriminator, z).backward()
             disc_optimizer.step()
         step_in_epoch, iter_num = step_in_epoch + 1, iter_num + 1
-        for key, value in (('loss', loss), ('recon', recon), ('kl', kl), ('tc', tc)):
-            sums[key] += value.item()
+        for key, value in zip(('loss', 'recon', 'kl', 'tc'), values):
+            sums[key] += value
         sums['steps'] += 1
         step_times.append(time.time() - t_step)
         sums['step_s'] += step_times[-1]
         if step_in_epoch % log_interval == 0 and step_in_epoch < steps_per_epoch:  # progress inside a long epoch
             where = f"epoch {epoch + 1}/{max_epochs} | step {step_in_epoch}/{steps_per_epoch}"
-            run.print(step_line(where, loss.item(), learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
+            run.print(step_line(where, values[0], learning_rate, np.mean(step_times), None,  # mfu: no FLOP count yet
                                 clock(epoch * steps_per_epoch + step_in_epoch)))
             step_times = []
     if stopped:
+        history = sums  # a stopped epoch's sums carry on
         checkpoint(['last.pt'], {})
         run.end(stopped, f"epoch {epoch + 1}/{max_epochs}, step {step_in_epoch}/{steps_per_epoch}", epoch=epoch,
                 best_val_loss=best_val_loss)

@@ -102,3 +102,17 @@ def test_kd_loss_against_its_formula():
         loss, kd, ce = kd_loss(student, teacher, y, alpha=0.3, temperature=T)
         assert torch.allclose(kd, by_hand, atol=1e-6)
         assert torch.allclose(loss, 0.3 * by_hand + 0.7 * F.cross_entropy(student, y), atol=1e-6)
+
+
+def test_the_crnn_runs_its_gru_in_float32_under_autocast():
+    """Autocast would hand the GRU the convs' half-precision output (on CUDA: cuDNN's GRU in fp16, no loss scaling);
+    the CRNN turns autocast off around it and gives it float32."""
+    torch.manual_seed(0)
+    net, seen = CRNN().eval(), []
+    net.rnn.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype)))
+    x = torch.randn(2, 1, 64, 40)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        net(x)
+        features = net.features(x)
+    assert features.dtype == torch.bfloat16  # autocast is on for the convs
+    assert seen == [(torch.float32, torch.float32)]

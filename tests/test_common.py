@@ -285,7 +285,8 @@ def test_every_rank_gets_a_device_that_exists_or_one_line_naming_the_counts(fake
     fake_cuda.setattr(torch.cuda, 'device_count', lambda: gpus)
     chosen, joined = [], []
     fake_cuda.setattr(torch.cuda, 'set_device', chosen.append)
-    fake_cuda.setattr(common.dist, 'init_process_group', lambda backend: joined.append(backend))
+    fake_cuda.setattr(common.dist, 'init_process_group', lambda backend, timeout: joined.append(backend))
+    fake_cuda.setattr(common.dist, 'new_group', lambda backend, timeout: None)  # rank0_first's group
     fake_cuda.setenv('RANK', str(local_rank))
     fake_cuda.setenv('LOCAL_RANK', str(local_rank))
     fake_cuda.setenv('WORLD_SIZE', str(local_world))
@@ -831,7 +832,7 @@ def test_stop_signals_arm_then_set_a_reason_and_a_second_ctrl_c_aborts():
     common.STOP.armed = True  # what RunDir() does
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.05)
-    assert common.STOP.reason == 'signal' and common.stop_requested(False, 'cpu') == 'signal'
+    assert common.STOP.reason == 'signal' and common.step_check(False, torch.tensor(1.5)) == ([1.5], 'signal')
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.05)
     assert common.STOP.reason == 'interrupted'  # Ctrl-C wins over an earlier SIGTERM: the exit code says 130

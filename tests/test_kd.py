@@ -4,12 +4,14 @@ defaults train_audio.py and train_kd.py share. (The KD loss formula is tested in
 import hashlib
 import json
 import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script, sigterm_when_logged, signal_when_logged
+from conftest import ROOT, SCRIPT_ENV, run_script, sigterm_when_logged, signal_when_logged
 
 import sweep
 from common import configure
@@ -112,6 +114,11 @@ def test_gate_passes_then_the_logits_cache_is_reused_and_resume_is_exact(setup, 
     for loss, kd_term, ce in columns(tmp_path / 'straight', ['train/loss', 'train/kd', 'train/ce']):
         assert float(loss) == pytest.approx(0.6 * float(kd_term) + 0.4 * float(ce), rel=1e-4)
     [cached] = (tmp_path / 'cache').rglob('train.teacher_*.npy')
+    # its name: the feature cache's identity, the teacher's bytes, and the device kind and dtype that computed it
+    with h5py.File(cached.parent / 'train.h5', 'r') as f:
+        key = {k: str(f.attrs[k]) for k in ('feature_hash', 'dataset_hash', 'label_map', 'n_samples', 'source')}
+    key.update(teacher=hashlib.sha256((teacher / 'best.pt').read_bytes()).hexdigest(), device='cpu', dtype='float32')
+    assert cached.name == f"train.teacher_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npy"
     # the cache holds exactly the teacher's logits of the training clips, with the teacher's input normalisation
     ckpt = torch.load(teacher / 'best.pt', weights_only=True)
     net = audio_model(**ckpt['model_args'])
@@ -217,3 +224,21 @@ def test_campaign_configs_use_the_real_keys_and_kd_gets_the_teachers_features(ca
         student = sweep.predict_config(runs[name], 42, runs[name]['overrides'])
         assert {k: student[k] for k in AUDIO_FEATURES} == {k: teacher[k] for k in AUDIO_FEATURES}
         assert student['teacher_ckpt'] == f"{plan['out_root']}/crnn/seed42/best.pt"
+
+
+@pytest.mark.parametrize('script', ['train_audio.py', 'train_kd.py'])
+@pytest.mark.parametrize('method', ['spawn', 'forkserver'])
+def test_dataloader_workers_under_spawn_and_forkserver_train_as_without_workers(setup, tmp_path, script, method):
+    """macOS starts workers by spawn, Linux from Python 3.14 by forkserver: each worker then re-runs the main module
+    before it unpickles its dataset. The scripts train as they do in one process (KD at alpha 0 = the baseline)."""
+    folder, data = setup
+    extra = ['--teacher_ckpt=' + str(folder / 'teacher' / 'best.pt'), '--alpha=0.0', '--gate=False'] \
+        if script == 'train_kd.py' else []
+    args = [*TINY, '--num_workers=2', *data, *extra, '--max_epochs=2', '--out_dir=workers']
+    launcher = (f"import multiprocessing, runpy, sys; multiprocessing.set_start_method({method!r}); "
+                f"sys.argv = {[script, *args]!r}; sys.path.insert(0, {str(ROOT)!r}); runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, '-c', launcher], cwd=tmp_path, env=SCRIPT_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(folder / 'baseline' / 'last.pt'), weights(tmp_path / 'workers' / 'last.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -470,3 +470,50 @@ def test_embd_dropout_acts_on_the_embedding_sum_only():
         assert torch.equal(model(idx), model(idx))
     assert torch.allclose(a, reference, atol=1e-6)
     assert not torch.allclose(a, b)
+
+
+# -----------------------------------------------------------------------------
+# FLOP formulas (bench.py's MFU) against torch's FlopCounterMode on one training step
+# -----------------------------------------------------------------------------
+
+def counted_flops(step):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize('frames', [20, 41])
+def test_spoter_train_flops_is_what_torch_counts(frames):
+    from model import SPOTER
+    torch.manual_seed(0)
+    model = SPOTER(12, pos_embedding='learned', max_frames=64)
+    poses, pad_mask = torch.rand(3, frames, 54, 2), torch.zeros(3, frames, dtype=torch.bool)
+    pad_mask[1, frames // 2:] = True  # padding costs what a frame costs
+    counted = counted_flops(lambda: F.cross_entropy(model(poses, pad_mask), torch.tensor([0, 1, 2])).backward())
+    assert counted == 3 * model.train_flops(frames)
+
+
+@pytest.mark.parametrize('arch', ['tinycnn', 'tinycnn_cbam', 'crnn'])
+@pytest.mark.parametrize('frames', [51, 101])
+def test_audio_train_flops_is_what_torch_counts(arch, frames):
+    from model import audio_model
+    torch.manual_seed(0)
+    model = audio_model(arch, 3, cbam_reduction=4, cbam_kernel=3)
+    x = torch.randn(2, 1, 64, frames)
+    counted = counted_flops(lambda: F.cross_entropy(model(x), torch.tensor([0, 2])).backward())
+    assert counted == 2 * model.train_flops(64, frames)
+
+
+def test_vae_and_discriminator_train_flops_are_what_torch_counts():
+    from model import BetaVAE, TCDiscriminator, discriminator_loss, reparameterize
+    torch.manual_seed(0)
+    vae, disc = BetaVAE(3, image_size=32, latent_dim=6), TCDiscriminator(6, hidden=64, n_layers=3)
+    images = torch.randint(0, 3, (4, 32, 32))
+
+    def step():  # train_vae.py's objective='factor' step: the VAE's loss with the TC term, then the discriminator's
+        logits, mu, logvar = vae(images)
+        z = reparameterize(mu, logvar)
+        (F.cross_entropy(logits, images) + disc(z).mean()).backward()
+        discriminator_loss(disc, z).backward()
+    assert counted_flops(step) == 4 * (vae.train_flops() + disc.train_flops())

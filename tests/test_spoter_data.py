@@ -7,6 +7,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import data
 from common import UserError
@@ -338,3 +339,16 @@ def test_write_sign_csvs_reuses_its_files(tmp_path):
     assert json.loads((folder / 'meta.json').read_text())['recipe']['seed'] == 1
     write_sign_csvs(folder, num_classes=3, clips_per_class=(4, 2, 2), seed=2)  # another recipe: rewritten
     assert not np.array_equal(read_spoter_csv(paths[0])[0][0][:5], splits[0][0][0][:5])
+
+
+def test_gather_clips_equals_pad_clips_bit_for_bit():
+    """train_spoter.py builds batches with gather_clips (on the training device) from the pose cache's arrays."""
+    rng = np.random.default_rng(0)
+    clips = [rng.random((n, 54, 2), dtype=np.float32) for n in (5, 1, 9, 3, 9)]
+    frames = torch.from_numpy(np.concatenate(clips))
+    offsets = np.cumsum([0] + [len(c) for c in clips])
+    for indices in ([0], [1, 3], [4, 0, 2, 1], np.array([2, 2, 4])):
+        expected, expected_mask = data.pad_clips(clips, indices)
+        poses, pad_mask = data.gather_clips(frames, offsets, indices)
+        assert torch.equal(poses, expected) and torch.equal(pad_mask, expected_mask)
+        assert poses.shape == (len(indices), max(len(clips[i]) for i in indices), 54, 2)

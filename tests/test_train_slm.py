@@ -248,3 +248,13 @@ def test_stride_defaults_to_block_size(trained):
     n_train = int(text_chars * 0.95)
     expected = len(range(0, n_train - 32, 32))
     assert f'| {expected:,} train windows |' in (trained / 'log.txt').read_text()
+
+
+def test_deterministic_true_changes_nothing_on_cpu(trained, tmp_path, corpus):
+    """deterministic=True turns on torch's deterministic algorithms (and TF32 off, on GPUs): the CPU kernels are
+    deterministic already, so the same run gives the same weights, and the same config_hash (a 'how' key)."""
+    train(tmp_path, corpus, '--max_iters=6', '--eval_interval=3', '--deterministic=True', '--out_dir=out/det')
+    a, b = weights(trained / 'last.pt'), weights(tmp_path / 'out' / 'det' / 'last.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    facts = [json.loads((d / 'config.json').read_text()) for d in (trained, tmp_path / 'out' / 'det')]
+    assert facts[1]['config']['deterministic'] is True and facts[0]['config_hash'] == facts[1]['config_hash']
