@@ -8,6 +8,11 @@ run interleaved in one process (round-robin over the variants) and reported as m
     python bench.py audio               # log-mel + cache clips/s, DataLoader reads, samples/s per model
     python bench.py kd                  # a KD epoch with cached teacher logits vs a live teacher vs the student alone
     OMP_NUM_THREADS=1 python bench.py vae   # train_vae.py's step vs a plain Bernoulli beta-VAE, batch 64 of 64x64
+    python bench.py subnormal           # every model's step with a fresh Adam state vs one a long run leaves
+    python bench.py subnormal --vae_ckpt=out/vae/last.pt   # ... and train_vae.py's step from a long run's checkpoint
+
+MFU counts each model's training FLOPs (the train_flops methods of model.py, equal to torch's FlopCounterMode
+on a step: tests/test_model.py) against a fp32 matmul timed in the same rounds (CPU) or the datasheet (GPU).
 """
 import statistics
 import sys
@@ -24,8 +29,9 @@ from model import CharTransformer, TransformerConfig, lm_loss
 rounds = 5  # round-robin rounds over the variants; each variant's figure is the median over all rounds
 steps_per_round = 3  # timed training steps per variant per round
 device = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'mps'
+vae_ckpt = ''  # subnormal: also time train_vae.py's step from this checkpoint's weights and Adam state
 config = configure(globals(), [a for a in sys.argv[1:] if a.startswith('--')],
-                   usage='bench.py [slm] [spoter] [audio] [kd] [vae] [--key=value ...]')
+                   usage='bench.py [slm] [spoter] [audio] [kd] [vae] [subnormal] [--key=value ...]')
 sections = [a for a in sys.argv[1:] if not a.startswith('--')] or ['slm']  # python bench.py spoter kd ...
 device = pick_device(device)
 torch.manual_seed(0)
@@ -51,6 +57,21 @@ def interleaved(variants, steps, warmup=2):
                 sync()
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_peak(variants, shape=(4096, 256, 1024)):
+    """interleaved(variants) with a fp32 (m,k)@(k,n) matmul of `shape` in the same rounds: -> (times, peak FLOP/s),
+    the peak being that matmul's median rate (CPU: this machine's now) or the datasheet's (GPU), None if unknown."""
+    step, flops = matmul(*shape)
+    times = interleaved({**variants, 'matmul': step}, steps_per_round)
+    peak = flops / times.pop('matmul') if device == 'cpu' else matmul_peak_flops(device)
+    print(f"\npeak: {peak / 1e9:.1f} GFLOP/s (" + (f"median of fp32 {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]} "
+          f"matmuls in the same rounds)" if device == 'cpu' else "datasheet)") if peak else "\npeak: unknown")
+    return times, peak
+
+
+def mfu(flops, seconds, peak):
+    return f"{100 * flops / seconds / peak:.1f}%" if peak else 'n/a'
 
 
 # -----------------------------------------------------------------------------
@@ -103,28 +124,20 @@ def bench_slm():
     _, gpt = slm_train_step(TransformerConfig(attn_dropout=0.1, embd_dropout=0.1))
     _, no_attn = slm_train_step(TransformerConfig(embd_dropout=0.1))
     _, no_drop = slm_train_step(TransformerConfig(dropout=0.0))
-    peak_step, peak_flops = matmul(batch_size * cfg.block_size, cfg.n_embd, cfg.d_ff)
     variants = {'nanoGPT placement: embd + attn-prob + residual dropout, torch masks': with_torch_dropout(gpt),
                 'embd + residual dropout (fused SDPA kernel), torch masks': with_torch_dropout(no_attn),
                 'embd + residual dropout, 15-bit masks': no_attn,
                 'ours: residual dropout, 15-bit masks': ours,
-                'no dropout at all (upper bound)': no_drop,
-                'matmul': peak_step}
-    times = interleaved(variants, steps_per_round)
-    # CPU: the fp32 matmul rate measured in the same rounds; GPU: the datasheet peak
-    peak = peak_flops / times.pop('matmul') if device == 'cpu' else matmul_peak_flops(device)
+                'no dropout at all (upper bound)': no_drop}
     flops = m.flops_per_token() * batch_size * cfg.block_size
     print(f"\n## slm: P1 config, fp32, batch {batch_size} x {cfg.block_size}, {flops / 1e9:.1f} GFLOP/iter, "
-          f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
-    if peak:
-        source = (f"median of fp32 {batch_size * cfg.block_size}x{cfg.n_embd} @ {cfg.n_embd}x{cfg.d_ff} matmuls "
-                  f"in the same rounds" if device == 'cpu' else "datasheet")
-        print(f"peak: {peak / 1e9:.1f} GFLOP/s ({source})")
+          f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps", end='')
+    times, peak = with_peak(variants, (batch_size * cfg.block_size, cfg.n_embd, cfg.d_ff))
     print("| variant | ms/iter | tokens/s | MFU | vs nanoGPT placement |\n|---|---|---|---|---|")
     base = times['nanoGPT placement: embd + attn-prob + residual dropout, torch masks']
     for name, dt in times.items():
-        mfu = f"{100 * flops / dt / peak:.1f}%" if peak else "n/a"
-        print(f"| {name} | {1000 * dt:.0f} | {batch_size * cfg.block_size / dt:,.0f} | {mfu} | {base / dt:.2f}x |")
+        print(f"| {name} | {1000 * dt:.0f} | {batch_size * cfg.block_size / dt:,.0f} | {mfu(flops, dt, peak)} | "
+              f"{base / dt:.2f}x |")
 
     # sampling: 500 new tokens after a 4-token prompt, block 256, with the KV cache vs recomputing the window
     m.eval()
@@ -161,9 +174,12 @@ def bench_spoter(n_clips=256, batch_size=32):
         model = SPOTER(16).to(device)
         opt = optimizer(model.parameters())
         sampler = WindowSampler(n_clips, size, 0, lengths=[len(c) for c in clips] if bucketed else None)
+        flops = []  # each step's training FLOPs over its clips' own frames: padding is work that counts for nothing
 
         def data_work():
-            poses, pad_mask, y = batch_of(sampler.next())
+            indices = sampler.next()
+            flops.append(sum(model.train_flops(len(clips[i])) for i in indices))
+            poses, pad_mask, y = batch_of(indices)
             return normalize_poses(augment_poses(poses, pad_mask, generator), pad_mask), pad_mask, y
 
         def step():
@@ -171,20 +187,25 @@ def bench_spoter(n_clips=256, batch_size=32):
             F.cross_entropy(model(poses, pad_mask), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step, data_work
+        return step, data_work, flops
     adamw = lambda p: torch.optim.AdamW(p, lr=3e-4)  # noqa: E731
-    one, _ = trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3))
-    padded, data_only = trainer(batch_size, adamw)
-    bucketed, _ = trainer(batch_size, adamw, bucketed=True)
-    times = interleaved({'batch 1': one, 'padded': padded, 'bucketed': bucketed, 'data work only': data_only},
-                        steps_per_round)
-    print(f"\n## spoter: 16 classes, clips of 20-60 frames, device {device}, {torch.get_num_threads()} threads")
-    print(f"batch 1 (SGD, the original's recipe): {1 / times['batch 1']:.1f} clips/s")
-    for name in ('padded', 'bucketed'):
-        print(f"batch {batch_size} (AdamW), {name} batches: {batch_size / times[name]:.1f} clips/s = "
-              f"{times['batch 1'] * batch_size / times[name]:.1f}x batch 1")
+    variants = {'batch 1 (SGD, the original\'s recipe)': trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3)),
+                f'batch {batch_size} (AdamW), padded batches': trainer(batch_size, adamw),
+                f'batch {batch_size} (AdamW), length-bucketed (default)': trainer(batch_size, adamw, bucketed=True)}
+    data_only = variants[f'batch {batch_size} (AdamW), padded batches'][1]
+    print(f"\n## spoter: 16 classes, clips of 20-60 frames, {SPOTER(16).train_flops(40) / 1e9:.2f} GFLOP per "
+          f"40-frame clip, device {device}, {torch.get_num_threads()} threads", end='')
+    times, peak = with_peak({**{name: v[0] for name, v in variants.items()}, 'data work only': data_only},
+                            (batch_size * 40, 108, 2048))  # the MLP's matmul, the step's largest
+    base = times['batch 1 (SGD, the original\'s recipe)']
+    print("| variant | clips/s | vs batch 1 | MFU |\n|---|---|---|---|")
+    for name, (_, _, flops) in variants.items():
+        size = 1 if name.startswith('batch 1 ') else batch_size
+        print(f"| {name} | {size / times[name]:.1f} | {base * size / times[name]:.1f}x | "
+              f"{mfu(statistics.mean(flops), times[name], peak)} |")
     print(f"data work (augment + normalize) at batch {batch_size}: "
-          f"{100 * times['data work only'] / times['padded']:.1f}% of a padded training step")
+          f"{100 * times['data work only'] / times[f'batch {batch_size} (AdamW), padded batches']:.1f}% of a padded "
+          f"training step")
 
 # -----------------------------------------------------------------------------
 # audio: feature extraction + cache write (clips/s, one thread), shuffled cache reads through the DataLoader,
@@ -231,7 +252,7 @@ def bench_audio(n_clips=512, batch_size=64):
         print(f"shuffled cache reads through the DataLoader, {w} workers: {batch_size / seconds:.0f} samples/s")
 
     x_cpu, y_cpu = next(loaders[0])
-    steps, tiny = {}, None
+    steps, tiny, flops = {}, None, {}
     for name in ('tinycnn', 'tinycnn_cbam', 'crnn'):
         for layout in ('channels_last', 'contiguous')[:1 if name == 'crnn' else 2]:
             fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
@@ -244,13 +265,15 @@ def bench_audio(n_clips=512, batch_size=64):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             steps[f'{name} ({layout})'] = lambda step=step: step(x_cpu, y_cpu)
+            flops[f'{name} ({layout})'] = net.train_flops(*x_cpu.shape[2:]) * batch_size
             tiny = tiny or step
     for w, it in loaders.items():  # a train_audio.py step: the next batch from the loader, then the step
         steps[f'tinycnn + DataLoader, {w} workers'] = lambda it=it: tiny(*next(it))
-    train = interleaved(steps, steps_per_round)
+    train, peak = with_peak(steps)
     for name, seconds in train.items():
         print(f"training {name}: {batch_size / seconds:.0f} samples/s ({1000 * seconds:.0f} ms per step of "
-              f"{batch_size})")
+              f"{batch_size})" + (f", MFU {mfu(flops[name], seconds, peak)}" if name in flops else ''))
+    print("(3x3 convs of 1-64 channels and a GRU of 64: too little work per op to reach the matmul peak)")
     for name in ('tinycnn', 'tinycnn_cbam'):
         print(f"{name}: channels-last is {train[f'{name} (contiguous)'] / train[f'{name} (channels_last)']:.2f}x "
               f"as fast as the default layout")
@@ -302,14 +325,15 @@ def bench_kd(n_clips=512):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    times = interleaved({'student alone (train_audio.py)': trainer(None), 'KD, cached teacher logits (train_kd.py)':
-                         trainer('cache'), 'KD, live teacher forward (upstream)': trainer('live')}, steps_per_round)
-    base = times['student alone (train_audio.py)']
     print(f"\n## kd: CRNN teacher -> TinyCNN student, batch {batch_size} x 1 x {n_mels} x {frames}, fp32, device "
-          f"{device}, {torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
-    print("| variant | ms/step | epoch time vs student alone |\n|---|---|---|")
+          f"{device}, {torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps", end='')
+    times, peak = with_peak({'student alone (train_audio.py)': trainer(None), 'KD, cached teacher logits (train_kd.py)':
+                             trainer('cache'), 'KD, live teacher forward (upstream)': trainer('live')})
+    base = times['student alone (train_audio.py)']
+    student = audio_model('tinycnn').train_flops(n_mels, frames) * batch_size  # the useful work of every variant
+    print("| variant | ms/step | epoch time vs student alone | MFU (the student's FLOPs) |\n|---|---|---|---|")
     for name, dt in times.items():
-        print(f"| {name} | {1000 * dt:.0f} | {dt / base:.2f}x |")
+        print(f"| {name} | {1000 * dt:.0f} | {dt / base:.2f}x | {mfu(student, dt, peak)} |")
     print(f"teacher-logits cache of {n_clips} clips: {cache_s:.2f}s once = {cache_s / base:.1f} student steps "
           f"(data loading, the same in every variant, is left out: with it every ratio is closer to 1)")
 
@@ -388,14 +412,88 @@ def bench_vae(batch_size=64):
                                                                     .to(device)),
                 'BetaVAE + FactorVAE discriminator, 256 wide (default)': factor_vae(256),
                 'BetaVAE + FactorVAE discriminator, 1000 wide (Kim & Mnih)': factor_vae(1000)}
-    times = interleaved(variants, steps_per_round)
     print(f"\n## vae: fwd + bwd + Adam, batch {batch_size} of 64x64, device {device}, "
-          f"{torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
-    print("| variant | ms/step | images/s | vs plain |\n|---|---|---|---|")
+          f"{torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps", end='')
+    times, peak = with_peak(variants)
+
+    def flops_of(name):  # per image
+        if name.startswith('plain'):
+            return BetaVAE(1).train_flops()  # the same net on 1 channel in, 1 logit out
+        width = 1000 if '1000 wide' in name else 256 if '256 wide' in name else 0
+        return BetaVAE(2).train_flops() + (TCDiscriminator(10, width).train_flops() if width else 0)
+    print("| variant | ms/step | images/s | vs plain | MFU |\n|---|---|---|---|---|")
     base = times['plain Bernoulli beta-VAE (BCE)']
     for name, dt in times.items():
-        print(f"| {name} | {1000 * dt:.1f} | {batch_size / dt:,.0f} | {dt / base:.2f}x |")
+        print(f"| {name} | {1000 * dt:.1f} | {batch_size / dt:,.0f} | {dt / base:.2f}x | "
+              f"{mfu(flops_of(name) * batch_size, dt, peak)} |")
+
+
+# -----------------------------------------------------------------------------
+# subnormal: every model's step with a fresh Adam state vs a long run's (a share of its moments subnormal), with
+# flush-to-zero off and on (common.set_kernels turns it on in every script)
+# -----------------------------------------------------------------------------
+
+def bench_subnormal(share=0.21):
+    from data import make_sprites
+    from model import SPOTER, BetaVAE, audio_model, focal_loss
+    g = torch.Generator().manual_seed(0)
+    sprites = torch.from_numpy(make_sprites(64, seed=0)[0]).long()  # (64, 64, 64) class ids 0/1
+    cases = {  # model, its batch, its loss
+        'slm (P1, batch 4)': (CharTransformer(TransformerConfig()), torch.randint(0, 98, (4, 257)),
+                              lambda m, b: lm_loss(m(b[:, :-1]), b[:, 1:])),
+        'spoter (batch 8 x 40 frames)': (SPOTER(100), torch.rand(8, 40, 54, 2),
+                                         lambda m, b: F.cross_entropy(m(b), torch.zeros(8, dtype=torch.long))),
+        'tinycnn (batch 16, 5 s)': (audio_model('tinycnn'), torch.randn(16, 1, 64, 501),
+                                    lambda m, b: F.cross_entropy(m(b), torch.zeros(16, dtype=torch.long))),
+        'crnn (batch 16, 5 s)': (audio_model('crnn'), torch.randn(16, 1, 64, 501),
+                                 lambda m, b: F.cross_entropy(m(b), torch.zeros(16, dtype=torch.long))),
+        'vae (batch 64, 64x64)': (BetaVAE(2), sprites, lambda m, b: focal_loss(m(b)[0], b).mean())}
+    if vae_ckpt:  # the real thing: a long train_vae.py run's weights and Adam state
+        ckpt = torch.load(vae_ckpt, map_location='cpu', weights_only=True)
+        cases[f'vae from {vae_ckpt} (epoch {ckpt["epoch"]})'] = (BetaVAE(**ckpt['model_args']), sprites,
+                                                                  lambda m, b: focal_loss(m(b)[0], b).mean(), ckpt)
+    variants, shares = {}, {}
+    for name, (model, batch, loss_fn, *ckpt) in cases.items():
+        model, batch = model.to(device), batch.to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss_fn(model, batch).backward()
+        opt.step()  # the moments exist now
+        fresh = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+        if ckpt:  # its weights and moments (the fresh state: those of a first step)
+            model.load_state_dict(ckpt[0]['model_state_dict'])
+            opt.load_state_dict(ckpt[0]['optimizer_state_dict'])
+        aged = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+        for moments in aged.values() if not ckpt else ():
+            for key in ('exp_avg', 'exp_avg_sq'):  # moments of weights whose gradients vanished decay into these
+                moments[key][torch.rand(moments[key].shape, generator=g) < share] = 1e-39
+        values = [v for m in aged.values() for k, v in m.items() if k != 'step']
+        shares[name] = sum(((v != 0) & (v.abs() < torch.finfo(v.dtype).tiny)).sum().item() for v in values) / \
+            sum(v.numel() for v in values)
+
+        def step(state, flush, model=model, opt=opt, batch=batch, loss_fn=loss_fn):
+            torch.set_flush_denormal(flush)
+            for p in model.parameters():  # every step starts from the same state (a copy: the same cost each time)
+                for key, value in state[id(p)].items():
+                    opt.state[p][key].copy_(value)
+            loss_fn(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        variants[name, 'fresh'] = lambda step=step, fresh=fresh: step(fresh, False)
+        variants[name, 'aged'] = lambda step=step, aged=aged: step(aged, False)
+        variants[name, 'aged, ftz'] = lambda step=step, aged=aged: step(aged, True)
+    times = interleaved(variants, steps_per_round)
+    torch.set_flush_denormal(False)
+    print(f"\n## subnormal: a training step (fwd + bwd + Adam) with a fresh Adam state vs one with {share:.0%} of "
+          f"its moments subnormal, as train_vae.py's default run leaves them by epoch 30; device {device}, "
+          f"{torch.get_num_threads()} threads, {rounds} rounds x {steps_per_round} steps")
+    print("| model | subnormal moments | fresh: ms/step | aged: ms/step | aged, flush-to-zero: ms/step |\n"
+          "|---|---|---|---|---|")
+    for name in cases:
+        print(f"| {name} | {shares[name]:.1%} | {1000 * times[name, 'fresh']:.1f} | {1000 * times[name, 'aged']:.1f} "
+              f"({times[name, 'aged'] / times[name, 'fresh']:.2f}x) | {1000 * times[name, 'aged, ftz']:.1f} "
+              f"({times[name, 'aged, ftz'] / times[name, 'fresh']:.2f}x) |")
 
 
 for section in sections:
-    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio, 'kd': bench_kd, 'vae': bench_vae}[section]()
+    {'slm': bench_slm, 'spoter': bench_spoter, 'audio': bench_audio, 'kd': bench_kd, 'vae': bench_vae,
+     'subnormal': bench_subnormal}[section]()
