@@ -30,6 +30,19 @@ def dropout(x, p, training):
     return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))  # one multiply each way: half of x * keep * s
 
 
+def relu_dropout(x, p, training):
+    """dropout(relu(x), p, training) in one mask: (keep & x > 0) * scale. The backward is then one multiply by
+    that mask, with no ReLU pass either way, and the random bits (so the dropped elements) are dropout's own: the
+    same values but the sign of some zeros (x * 0 is -0.0 where x < 0)."""
+    threshold = round(p * 32768)
+    if not training or p == 0.0 or x.device.type != 'cpu' or threshold >= 32768:
+        return dropout(F.relu(x), p, training)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+    keep = ((bits & 0x7FFF) >= threshold) & (x > 0)
+    return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))
+
+
 @dataclass
 class TransformerConfig:
     vocab_size: int = 99
@@ -196,7 +209,7 @@ class SPOTEREncoderLayer(nn.Module):
     def forward(self, x, pad_mask):
         attended = self.self_attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0]
         x = self.norm1(x + dropout(attended, self.p, self.training))
-        hidden = dropout(F.relu(self.linear1(x)), self.p, self.training)
+        hidden = relu_dropout(self.linear1(x), self.p, self.training)  # (B, T, d_ff)
         return self.norm2(x + dropout(self.linear2(hidden), self.p, self.training))
 
 
@@ -215,7 +228,7 @@ class SPOTERDecoderLayer(nn.Module):
         query = self.norm1(query + dropout(query, self.p, self.training))
         attended, weights = self.cross_attn(query, memory, memory, key_padding_mask=pad_mask)  # weights (B, 1, T)
         query = self.norm2(query + dropout(attended, self.p, self.training))
-        hidden = dropout(F.relu(self.linear1(query)), self.p, self.training)
+        hidden = relu_dropout(self.linear1(query), self.p, self.training)  # (B, 1, d_ff)
         return self.norm3(query + dropout(self.linear2(hidden), self.p, self.training)), weights
 
 

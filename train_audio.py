@@ -56,7 +56,7 @@ fmax = AUDIO_FEATURES['fmax']  # highest mel edge (Hz), at most sample_rate / 2,
 top_db = AUDIO_FEATURES['top_db']  # dB floor below each clip's maximum, in (0, inf)
 input_norm = AUDIO_RECIPE['input_norm']  # 'train_stats' (standardise by the train cache's mean/std) | 'none' (upstream)
 num_workers = AUDIO_RECIPE['num_workers'] if (os.cpu_count() or 1) >= 8 else 0  # DataLoader workers (seed 001: 4;
-#   on a small CPU they take the training step's cores: bench.py audio); each opens the cache lazily; [0, inf)
+#   on 2 cores 0 is fastest, docs/audio.md); any start method (fork, spawn, forkserver); [0, inf)
 # model
 arch = 'tinycnn'  # 'crnn' | 'tinycnn' | 'tinycnn_cbam'
 cbam_reduction = 8  # CBAM channel-MLP reduction r (tinycnn_cbam), in [1, inf)

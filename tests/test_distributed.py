@@ -182,14 +182,18 @@ def test_auto_dtype_is_bf16_only_where_the_gpu_computes_it_natively(monkeypatch,
     assert common.autocast_context('cuda:0', 'auto')[0] == expected and asked == [False]
 
 
-def test_deterministic_sets_torchs_switches_and_tf32_follows(monkeypatch):
+def test_set_kernels_deterministic_tf32_and_flush_to_zero(monkeypatch):
     monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
     try:
         common.set_kernels(True)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
-    finally:
         common.set_kernels(False)
-    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        tiny = torch.tensor([1e-39])  # subnormal: flushed (to zero, on the x86 and ARM CPUs torch supports)
+        assert (tiny * 1.0).item() == 0.0 or not torch.set_flush_denormal(True)
+    finally:
+        torch.set_flush_denormal(False)  # the other tests in this process see floats as they were
+        torch.use_deterministic_algorithms(False)

@@ -517,3 +517,19 @@ def test_vae_and_discriminator_train_flops_are_what_torch_counts():
         (F.cross_entropy(logits, images) + disc(z).mean()).backward()
         discriminator_loss(disc, z).backward()
     assert counted_flops(step) == 4 * (vae.train_flops() + disc.train_flops())
+
+
+def test_relu_dropout_is_dropout_of_relu_with_the_same_bits():
+    """SPOTER's MLP: one mask for ReLU and dropout. Same random bits, so the same output and gradient as
+    dropout(relu(x)) (torch.equal: -0.0 == 0.0, the only difference), and plain ReLU in eval."""
+    from model import relu_dropout
+    x = torch.randn(3, 7, 50, requires_grad=True)
+    for training in (True, False):
+        torch.manual_seed(5)
+        ours = relu_dropout(x, 0.1, training)
+        ours_grad, = torch.autograd.grad(ours, x, torch.arange(ours.numel()).view_as(ours).float())
+        torch.manual_seed(5)
+        ref = dropout(F.relu(x), 0.1, training)
+        ref_grad, = torch.autograd.grad(ref, x, torch.arange(ref.numel()).view_as(ref).float())
+        assert torch.equal(ours, ref) and torch.equal(ours_grad, ref_grad)
+    assert (relu_dropout(x, 0.1, True) == 0).float().mean() > 0.5  # ReLU's half and dropout's tenth of the rest
