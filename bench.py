@@ -279,7 +279,7 @@ def bench_audio(n_clips=512, batch_size=64):
     for name, seconds in train.items():
         print(f"training {name}: {batch_size / seconds:.0f} samples/s ({1000 * seconds:.0f} ms per step of "
               f"{batch_size})" + (f", MFU {mfu(flops[name], seconds, peak)}" if name in flops else ''))
-    print("(3x3 convs of 1-64 channels and a GRU of 64: too little work per op to reach the matmul peak)")
+    print("(the contiguous layout: oneDNN reorders each conv's input and output to channels-last and back)")
     for name in ('tinycnn', 'tinycnn_cbam'):
         print(f"{name}: channels-last is {train[f'{name} (contiguous)'] / train[f'{name} (channels_last)']:.2f}x "
               f"as fast as the default layout")
