@@ -170,9 +170,12 @@ def bench_spoter(n_clips=256, batch_size=32):
         poses, pad_mask = pad_clips(clips, indices)
         return poses.to(device), pad_mask.to(device), labels[list(indices)].to(device)
 
-    fused, unfused = model_lib.relu_dropout, lambda x, p, training: model_lib.dropout(F.relu(x), p, training)
+    now = model_lib.relu_dropout, model_lib.attention
+    before = (lambda x, p, training: model_lib.dropout(F.relu(x), p, training),  # ReLU, then dropout: two passes
+              lambda attn, q, kv, pad_mask, training, need_weights=False:  # torch's module, its bernoulli_ dropout
+              attn(q, kv, kv, key_padding_mask=pad_mask, need_weights=need_weights))
 
-    def trainer(size, optimizer, bucketed=False, mlp=fused):
+    def trainer(size, optimizer, bucketed=False, ops=now):
         model = SPOTER(16).to(device)
         opt = optimizer(model.parameters())
         sampler = WindowSampler(n_clips, size, 0, lengths=[len(c) for c in clips] if bucketed else None)
@@ -185,25 +188,26 @@ def bench_spoter(n_clips=256, batch_size=32):
             return normalize_poses(augment_poses(poses, pad_mask, generator), pad_mask), pad_mask, y
 
         def step():
-            model_lib.relu_dropout = mlp  # the MLP's ReLU + dropout: one mask (now) or two passes (before)
+            model_lib.relu_dropout, model_lib.attention = ops  # the layers' ops: now's, or those before them
             poses, pad_mask, y = data_work()
             F.cross_entropy(model(poses, pad_mask), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step, data_work, flops
     adamw = lambda p: torch.optim.AdamW(p, lr=3e-4)  # noqa: E731
-    variants = {'batch 1 (SGD, the original\'s recipe)': trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3)),
+    variants = {'batch 1 (SGD, the original\'s recipe and ops)': trainer(1, lambda p: torch.optim.SGD(p, lr=1e-3),
+                                                                           ops=before),
                 f'batch {batch_size} (AdamW), padded batches': trainer(batch_size, adamw),
-                f'batch {batch_size} (AdamW), length-bucketed, ReLU then dropout (before)':
-                    trainer(batch_size, adamw, bucketed=True, mlp=unfused),
+                f'batch {batch_size} (AdamW), length-bucketed, MultiheadAttention, ReLU then dropout (before)':
+                    trainer(batch_size, adamw, bucketed=True, ops=before),
                 f'batch {batch_size} (AdamW), length-bucketed (default)': trainer(batch_size, adamw, bucketed=True)}
     data_only = variants[f'batch {batch_size} (AdamW), padded batches'][1]
     print(f"\n## spoter: 16 classes, clips of 20-60 frames, {SPOTER(16).train_flops(40) / 1e9:.2f} GFLOP per "
           f"40-frame clip, device {device}, {torch.get_num_threads()} threads", end='')
     times, peak = with_peak({**{name: v[0] for name, v in variants.items()}, 'data work only': data_only},
                             (batch_size * 40, 108, 2048))  # the MLP's matmul, the step's largest
-    model_lib.relu_dropout = fused
-    base = times['batch 1 (SGD, the original\'s recipe)']
+    model_lib.relu_dropout, model_lib.attention = now
+    base = times['batch 1 (SGD, the original\'s recipe and ops)']
     print("| variant | clips/s | vs batch 1 | MFU |\n|---|---|---|---|")
     for name, (_, _, flops) in variants.items():
         size = 1 if name.startswith('batch 1 ') else batch_size

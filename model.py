@@ -194,6 +194,30 @@ def lm_loss(logits, targets, ignore_index=0):
 # -----------------------------------------------------------------------------
 
 
+def attention(attn, query, memory, pad_mask, training, need_weights=False):
+    """nn.MultiheadAttention's computation over its own parameters (so checkpoints and the original's weights load
+    as they are), without its per-call checks and copies, and with model.dropout's cheap masks on the attention
+    weights instead of torch's bernoulli_ (the same p; other random numbers, so a training run draws other masks).
+    query (B, Tq, d), memory (B, T, d), pad_mask (B, T) True at padding -> (B, Tq, d), and the head-averaged
+    weights (B, Tq, T) if need_weights (after dropout, as torch returns them)."""
+    B, Tq, d = query.shape
+    T, h = memory.size(1), attn.num_heads
+    if query is memory:  # self-attention: q, k and v from one matmul
+        q, k, v = F.linear(query, attn.in_proj_weight, attn.in_proj_bias).view(B, T, 3, h, d // h).unbind(2)
+    else:
+        w_q, w_kv = attn.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = attn.in_proj_bias.split([d, 2 * d])
+        q = F.linear(query, w_q, b_q).view(B, Tq, h, d // h)
+        k, v = F.linear(memory, w_kv, b_kv).view(B, T, 2, h, d // h).unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, Tq or T, d / h)
+    scores = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)  # (B, h, Tq, T)
+    if pad_mask is not None:
+        scores = scores.masked_fill(pad_mask[:, None, None, :], float('-inf'))
+    weights = dropout(scores.softmax(-1), attn.dropout, training)
+    out = attn.out_proj((weights @ v).transpose(1, 2).reshape(B, Tq, d))  # (B, h, Tq, d/h) -> (B, Tq, d)
+    return out, weights.mean(1) if need_weights else None
+
+
 class SPOTEREncoderLayer(nn.Module):
     """Post-norm encoder layer (as nn.TransformerEncoderLayer): self-attention over frames, then ReLU MLP.
     Dropout on the residual branches and the MLP's hidden layer uses model.dropout, whose CPU masks cost a fraction
@@ -207,7 +231,7 @@ class SPOTEREncoderLayer(nn.Module):
         self.p = dropout
 
     def forward(self, x, pad_mask):
-        attended = self.self_attn(x, x, x, key_padding_mask=pad_mask, need_weights=False)[0]
+        attended = attention(self.self_attn, x, x, pad_mask, self.training)[0]
         x = self.norm1(x + dropout(attended, self.p, self.training))
         hidden = relu_dropout(self.linear1(x), self.p, self.training)  # (B, T, d_ff)
         return self.norm2(x + dropout(self.linear2(hidden), self.p, self.training))
@@ -226,7 +250,7 @@ class SPOTERDecoderLayer(nn.Module):
 
     def forward(self, query, memory, pad_mask):
         query = self.norm1(query + dropout(query, self.p, self.training))
-        attended, weights = self.cross_attn(query, memory, memory, key_padding_mask=pad_mask)  # weights (B, 1, T)
+        attended, weights = attention(self.cross_attn, query, memory, pad_mask, self.training, True)  # (B, 1, T)
         query = self.norm2(query + dropout(attended, self.p, self.training))
         hidden = relu_dropout(self.linear1(query), self.p, self.training)  # (B, 1, d_ff)
         return self.norm3(query + dropout(self.linear2(hidden), self.p, self.training)), weights

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import SPOTER, SPOTEREncoderLayer
+from model import SPOTER, SPOTERDecoderLayer, SPOTEREncoderLayer
 
 
 def test_parameter_count_matches_the_original_without_its_unused_row_embed():
@@ -64,3 +64,37 @@ def test_encoder_layer_equals_torch_reference_layer():
 def test_clip_longer_than_max_frames_is_refused():
     with pytest.raises(ValueError, match='max_frames=16'):
         SPOTER(3, pos_embedding='learned', max_frames=16)(torch.rand(1, 17, 54, 2))
+
+
+@pytest.mark.parametrize('self_attention', [True, False])
+def test_attention_computes_what_multihead_attention_computes(self_attention):
+    """model.attention runs nn.MultiheadAttention's parameters: the same outputs and head-averaged weights (eval;
+    padded keys included), so the original's weights give the original's logits."""
+    from model import attention
+    torch.manual_seed(3)
+    attn = nn.MultiheadAttention(108, 9, dropout=0.1, batch_first=True).eval()
+    memory = torch.randn(3, 25, 108)
+    query = memory if self_attention else torch.randn(3, 1, 108)
+    pad_mask = torch.zeros(3, 25, dtype=torch.bool)
+    pad_mask[1, 20:] = True
+    with torch.no_grad():
+        expected, expected_weights = attn(query, memory, memory, key_padding_mask=pad_mask)
+        got, weights = attention(attn, query, memory, pad_mask, training=False, need_weights=True)
+    keep = ~pad_mask if self_attention else torch.ones(3, 1, dtype=torch.bool)
+    assert torch.allclose(got[keep], expected[keep], atol=1e-5)
+    assert torch.allclose(weights, expected_weights, atol=1e-6) and (weights[1, :, 20:] == 0).all()
+
+
+def test_decoder_layer_equals_the_originals_formula():
+    """The original's decoder layer: t = norm1(t + dropout(t)); cross-attention by nn.MultiheadAttention; MLP."""
+    torch.manual_seed(4)
+    layer = SPOTERDecoderLayer(108, 9, 2048, 0.1).eval()
+    query, memory = torch.randn(3, 1, 108), torch.randn(3, 25, 108)
+    pad_mask = torch.zeros(3, 25, dtype=torch.bool)
+    pad_mask[2, 10:] = True
+    with torch.no_grad():
+        t = layer.norm1(query + query)  # dropout is the identity in eval
+        t = layer.norm2(t + layer.cross_attn(t, memory, memory, key_padding_mask=pad_mask)[0])
+        expected = layer.norm3(t + layer.linear2(torch.relu(layer.linear1(t))))
+        got, _ = layer(query, memory, pad_mask)
+    assert torch.allclose(got, expected, atol=1e-5)
