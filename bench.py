@@ -216,6 +216,17 @@ def bench_spoter(n_clips=256, batch_size=32):
     print(f"data work (augment + normalize) at batch {batch_size}: "
           f"{100 * times['data work only'] / times[f'batch {batch_size} (AdamW), padded batches']:.1f}% of a padded "
           f"training step")
+    from torch.profiler import profile  # where a bucketed step's time goes, with the ops before and now
+    for label, name in (('before', 'MultiheadAttention'), ('now', 'default')):
+        step = next(v[0] for n, v in variants.items() if name in n)
+        with profile() as prof:
+            for _ in range(steps_per_round):
+                step()
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print(f"profile, {label}: " + ', '.join(f"{e.key.removeprefix('aten::')} {100 * e.self_cpu_time_total / total:.1f}%"
+                                                for e in ops[:8]))
+    model_lib.relu_dropout, model_lib.attention = now
 
 # -----------------------------------------------------------------------------
 # audio: feature extraction + cache write (clips/s, one thread), shuffled cache reads through the DataLoader,
