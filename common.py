@@ -475,7 +475,12 @@ def rank0_first(ddp, master):
 
 def finish(ddp, stopped=None):
     """Leave the process group together (a rank that tears gloo down while another is still busy can abort at
-    exit, so every rank waits at a barrier first); a run stopped by Ctrl-C then exits 130, as a shell expects."""
+    exit, so every rank waits at a barrier first); a run stopped by Ctrl-C then exits 130, as a shell expects.
+    Everything is saved by now, so a late SIGTERM or SLURM's time-limit SIGUSR1 is ignored from here: Python puts
+    the default handlers back while it shuts down, and one arriving then would kill a finished job (FAILED)."""
+    for sig in (signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -197,3 +197,15 @@ def test_set_kernels_deterministic_tf32_and_flush_to_zero(monkeypatch):
     finally:
         torch.set_flush_denormal(False)  # the other tests in this process see floats as they were
         torch.use_deterministic_algorithms(False)
+
+
+def test_after_finish_a_late_sigterm_or_sigusr1_cannot_kill_the_finished_process(tmp_path):
+    """SLURM's time-limit warning can arrive just as a run ends; while Python shuts down it has put the default
+    handlers back, and the signal would kill a job whose run is saved (state FAILED). finish() ignores both."""
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import common; common.STOP.armed = True; "
+            "common.finish(False); "
+            "assert signal.getsignal(signal.SIGUSR1) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN; "
+            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM); print('exited cleanly')")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=SCRIPT_ENV, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and 'exited cleanly' in proc.stdout, proc.stderr

@@ -149,9 +149,10 @@ def test_the_warning_signal_saves_requeues_and_the_job_ends_exactly_where_an_uni
 
 def test_a_time_limit_continues_the_run_through_requeues_to_the_uninterrupted_weights(slurm, workdir, corpus):
     cwd, env, _ = workdir
-    # the warning comes 45-105 s before the 2-minute limit (SLURM may send it up to 60 s early): ~100 s of steps on
-    # one thread are more than one job can hold, and every job makes progress
-    iters = 30000
+    # the warning comes 45-105 s before the 2-minute limit (SLURM may send it up to 60 s early), so 15-75 s into a
+    # job: 60,000 steps (~100 s at 1.7 ms a step on one thread, more on a slower machine) are more than one job
+    # can hold, and every job makes progress
+    iters = 60000
     job = submit_slm(cwd, env, corpus, 'out/limited', iters, options='--time=2 --signal=B:USR1@45')
     reference = subprocess.Popen([sys.executable, 'train_slm.py', *SLM_LONG, f'--dataset={corpus}',
                                   f'--max_iters={iters}', '--out_dir=out/whole'], cwd=cwd, env=env,
