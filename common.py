@@ -451,17 +451,17 @@ def init_distributed(device, timeout=None):
 
 @contextlib.contextmanager
 def rank0_first(ddp, master):
-    """`with rank0_first(ddp, master): <prepare data>`: rank 0 runs the block first (it builds the caches), then
-    the other ranks run it (and find them built). They wait on a gloo group of their own with a timeout of
-    DATA_WAIT, not in a barrier of the process group: a first build on a real corpus can outlast its collective
-    timeout, which kills the job. If rank 0 fails in the block, the others stop at once."""
+    """`with rank0_first(ddp, master) as log: <prepare data>`: rank 0 runs the block first (it builds the caches;
+    log is print), then the other ranks run it (and find them built; log is silent). They wait on a gloo group of
+    their own with a timeout of DATA_WAIT, not in a barrier of the process group: a first build on a real corpus
+    can outlast its collective timeout, which kills the job. If rank 0 fails in the block, the others stop at once."""
     if not ddp:
-        yield
+        yield print
         return
     done = [False]
     if master:
         try:
-            yield
+            yield print
             done = [True]
         finally:  # tell the others, whether the block ran through or raised
             dist.broadcast_object_list(done, src=0, group=_WAIT_GROUP[0])
@@ -470,7 +470,7 @@ def rank0_first(ddp, master):
     if not done[0]:
         raise SystemExit(f"error: rank 0 stopped while preparing the data (its error is above); rank "
                          f"{dist.get_rank()} stops too")
-    yield
+    yield lambda *args, **kwargs: None
 
 
 def finish(ddp, stopped=None):
@@ -980,8 +980,8 @@ def set_rng_state(state, device='cpu', **generators):
             g.set_state(state['generators'][name])
     saved = state.get('device', 'cuda' if state.get('cuda') is not None else 'cpu')
     kind, saved_kind, cuda = device.split(':')[0], saved.split(':')[0], state.get('cuda')
-    if isinstance(cuda, list):  # older checkpoints: one state per visible device, in index order
-        cuda = cuda[int(saved.split(':')[1]) if ':' in saved else 0] if cuda else None
+    if isinstance(cuda, list):  # older checkpoints: one state per visible device; the run used the first
+        cuda = cuda[0] if cuda else None
     if kind == saved_kind == 'cuda' and cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
     elif kind == saved_kind == 'mps':

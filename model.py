@@ -24,10 +24,16 @@ def dropout(x, p, training):
     threshold = round(p * 32768)
     if x.device.type != 'cpu' or threshold >= 32768:  # CUDA's fused dropout is already fast; p ~ 1 drops all
         return F.dropout(x, p, True)
+    keep = _keep_mask(x, threshold)
+    return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))  # one multiply each way: half of x * keep * s
+
+
+def _keep_mask(x, threshold):
+    """dropout's CPU keep-mask, x's shape: 15 random bits per element (four elements per int64 draw), kept where
+    >= threshold (the low 15 bits are uniform on [0, 32768): P(drop) = threshold / 32768)."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
-    keep = (bits & 0x7FFF) >= threshold  # the low 15 bits are uniform on [0, 32768): P(drop) = threshold / 32768
-    return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))  # one multiply each way: half of x * keep * s
+    return (bits & 0x7FFF) >= threshold
 
 
 def relu_dropout(x, p, training):
@@ -37,9 +43,7 @@ def relu_dropout(x, p, training):
     threshold = round(p * 32768)
     if not training or p == 0.0 or x.device.type != 'cpu' or threshold >= 32768:
         return dropout(F.relu(x), p, training)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
-    keep = ((bits & 0x7FFF) >= threshold) & (x > 0)
+    keep = _keep_mask(x, threshold) & (x > 0)
     return x * keep.to(x.dtype).mul_(32768 / (32768 - threshold))
 
 

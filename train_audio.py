@@ -101,8 +101,7 @@ seed_everything(seed + rank)
 
 # data: WAVs + manifest (or waveform arrays) -> one HDF5 cache of log-mel spectrograms per split
 features = {k: config[k] for k in AUDIO_FEATURES}
-with rank0_first(ddp, master):  # rank 0 writes the sounds and builds the caches; the other ranks find them
-    log = print if master else lambda *a: None
+with rank0_first(ddp, master) as log:  # rank 0 writes the sounds and builds the caches; the others find them
     if not manifest and not data:
         manifest = write_sleep_sounds(os.path.join(cache_dir, 'sleep_sounds'), builtin_clips, seed=0, log=log)
     cache_paths, left_out = prepare_audio_cache(cache_dir, features, label_map, manifest, audio_root, data, log=log)
@@ -172,8 +171,8 @@ def evaluate(split):
     confusion = confusion.cpu()
     weight_sum = (loss_weights.cpu() * confusion.sum(1)).sum().item()  # the weighted mean's denominator
     accuracy = confusion.diagonal().sum().item() / confusion.sum().item()
-    return {f'{split}/loss': loss.item() / weight_sum, f'{split}/acc': accuracy, f'{split}/macro_f1': macro_f1(confusion)}, \
-        confusion
+    return {f'{split}/loss': loss.item() / weight_sum, f'{split}/acc': accuracy,
+            f'{split}/macro_f1': macro_f1(confusion)}, confusion
 
 
 def checkpoint(names, metrics):
@@ -192,7 +191,8 @@ def checkpoint(names, metrics):
 # -----------------------------------------------------------------------------
 steps_per_epoch = len(splits['train']) // (sampler.batch_size * world_size)  # the ragged tail differs every epoch
 train_loader = DataLoader(splits['train'], batch_sampler=EpochBatches(), **loader_args)
-eval_loaders = {name: DataLoader(splits[name], batch_size=batch_size, **loader_args) for name in splits if name != 'train'}
+eval_loaders = {name: DataLoader(splits[name], batch_size=batch_size, **loader_args)  # built once: workers persist
+                for name in splits if name != 'train'}
 t_start, stopped, reason = time.time(), None, 'max_epochs'
 clock = Clock(epoch * steps_per_epoch + step_in_epoch, max_epochs * steps_per_epoch)  # elapsed and ETA, in steps
 while epoch < max_epochs and since_best < patience:

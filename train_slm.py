@@ -91,8 +91,8 @@ seed_everything(seed + rank)
 # data: tokenize once into cache/, then index fixed-length windows of the memory-mapped token files
 stride = stride or block_size
 tokenizer = CharTokenizer()
-with rank0_first(ddp, master):  # rank 0 tokenizes; the other ranks find the token files
-    data_dir, meta = prepare_text(dataset, cache_dir, log=print if master else lambda *a: None)
+with rank0_first(ddp, master) as log:  # rank 0 tokenizes; the other ranks find the token files
+    data_dir, meta = prepare_text(dataset, cache_dir, log=log)
 train_bin, val_bin = os.path.join(data_dir, 'train.bin'), os.path.join(data_dir, 'val.bin')
 train_starts = window_starts(meta['train_tokens'], block_size, stride)
 val_starts = window_starts(meta['val_tokens'], block_size, block_size)

@@ -98,8 +98,7 @@ if not train_csv and not eval_only and num_classes not in (0, builtin_classes) a
     raise UserError(f"num_classes={num_classes} but no train_csv was given, and the built-in signs have "
                     f"builtin_classes={builtin_classes}: give --train_csv, --val_csv and --test_csv (the "
                     f"config's first comment names the files), or --num_classes=0 for the built-in signs")
-with rank0_first(ddp, master):  # rank 0 writes the built-in CSVs and the pose caches; the other ranks find them
-    log = print if master else lambda *a: None
+with rank0_first(ddp, master) as log:  # rank 0 writes the built-in CSVs and the pose caches; the others find them
     if not train_csv and not eval_only:
         train_csv, val_csv, test_csv = write_sign_csvs(os.path.join(cache_dir, 'spoter_signs'), builtin_classes,
                                                        seed=0, log=log)

@@ -118,7 +118,8 @@ def test_gate_passes_then_the_logits_cache_is_reused_and_resume_is_exact(setup, 
     with h5py.File(cached.parent / 'train.h5', 'r') as f:
         key = {k: str(f.attrs[k]) for k in ('feature_hash', 'dataset_hash', 'label_map', 'n_samples', 'source')}
     key.update(teacher=hashlib.sha256((teacher / 'best.pt').read_bytes()).hexdigest(), device='cpu', dtype='float32')
-    assert cached.name == f"train.teacher_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.npy"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    assert cached.name == f"train.teacher_{digest[:16]}.npy"
     # the cache holds exactly the teacher's logits of the training clips, with the teacher's input normalisation
     ckpt = torch.load(teacher / 'best.pt', weights_only=True)
     net = audio_model(**ckpt['model_args'])
@@ -236,7 +237,8 @@ def test_dataloader_workers_under_spawn_and_forkserver_train_as_without_workers(
         if script == 'train_kd.py' else []
     args = [*TINY, '--num_workers=2', *data, *extra, '--max_epochs=2', '--out_dir=workers']
     launcher = (f"import multiprocessing, runpy, sys; multiprocessing.set_start_method({method!r}); "
-                f"sys.argv = {[script, *args]!r}; sys.path.insert(0, {str(ROOT)!r}); runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+                f"sys.argv = {[script, *args]!r}; sys.path.insert(0, {str(ROOT)!r}); "
+                f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
     proc = subprocess.run([sys.executable, '-c', launcher], cwd=tmp_path, env=SCRIPT_ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
